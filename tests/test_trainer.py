@@ -1,0 +1,151 @@
+"""The one trainer loop: determinism, callbacks, cancel, the NaN guard, frozen baselines, and clear errors."""
+
+import math
+
+import pytest
+import torch
+
+from unlearn_core import ConceptSpec, DataSpec, Problem, TrainConfig, Trainer
+from unlearn_core.toy import ToyNet, toy_denoiser, toy_mixtures
+
+TINY = dict(steps=12, batch=64, dual_every=4, rollouts=16, refresh_every=4, estimate_samples=64, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return ToyNet()  # untrained is fine for loop mechanics
+
+
+def concept_problem(method="ru", **kw):
+    return Problem(method, concepts=[ConceptSpec("q", "p0")], threshold=kw.pop("threshold", 1.0), **kw)
+
+
+def data_problem(method="fu", **kw):
+    p0, q = toy_mixtures()
+    g = torch.Generator().manual_seed(0)
+    return Problem(method, data=DataSpec(q.sample(128, g), p0.sample(128, g), "p0"), lam_max=0.28, **kw)
+
+
+def run(base, problem, seed=0, **kw):
+    torch.manual_seed(seed)
+    den = toy_denoiser(base)
+    events = []
+    res = Trainer(den, problem, TrainConfig(seed=seed, **{**TINY, **kw}), callbacks=[events.append]).run()
+    return den, res, events
+
+
+@pytest.mark.parametrize("make", [lambda: concept_problem("ru"), lambda: concept_problem("lu"),
+                                  lambda: concept_problem("lu-lik"), lambda: data_problem("fu"),
+                                  lambda: data_problem("siss", fixed_weight=0.2)])
+def test_same_seed_same_result(base, make):
+    d1, r1, _ = run(base, make())
+    d2, r2, _ = run(base, make())
+    assert r1.lambdas == r2.lambdas
+    for k, v in d1.adapter_state().items():
+        torch.testing.assert_close(v, d2.adapter_state()[k], rtol=0, atol=0)
+
+
+def test_callbacks_report_step_loss_lambda_and_slack(base):
+    _, res, events = run(base, concept_problem())
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "calibration" and kinds[-1] == "done"
+    assert sum(k == "step" for k in kinds) == TINY["steps"]
+    duals = [e for e in events if e["type"] == "dual"]
+    assert len(duals) == TINY["steps"] // TINY["dual_every"]
+    for e in duals:
+        assert set(e) >= {"step", "loss", "lambda", "estimate", "slack"}
+        assert e["slack"][0] == pytest.approx(res.thresholds[0] - e["estimate"][0])
+
+
+def test_cancel_stops_the_loop_and_returns_a_partial_result(base):
+    torch.manual_seed(0)
+    seen = []
+    trainer = Trainer(toy_denoiser(base), concept_problem(), TrainConfig(**TINY), callbacks=[seen.append],
+                      should_stop=lambda: sum(e["type"] == "step" for e in seen) >= 5)
+    res = trainer.run()
+    assert res.cancelled and res.steps_done == 5
+
+
+def test_esd_is_ru_with_lambda_frozen(base):
+    _, res, _ = run(base, concept_problem("esd", fixed_weight=1.0))
+    assert res.lambdas == [pytest.approx(0.5)]
+
+
+def test_nan_guard_restores_the_last_good_state_and_reports_it(base):
+    torch.manual_seed(0)
+    den = toy_denoiser(base)
+    events = []
+    trainer = Trainer(den, concept_problem(), TrainConfig(**TINY), callbacks=[events.append])
+    real_predict = den.predict
+    calls = {"n": 0}
+
+    def flaky(x, t, cond, adapted=True):
+        out = real_predict(x, t, cond, adapted)
+        if adapted and torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 7:  # one poisoned training forward
+                return out * float("nan")
+        return out
+
+    den.predict = flaky
+    res = trainer.run()
+    nans = [e for e in events if e["type"] == "nan"]
+    assert len(nans) == 1 and nans[0]["step"] == 6 and nans[0]["restored_to_step"] == 3
+    assert all(torch.isfinite(v).all() for v in den.adapter_state().values())
+    assert all(math.isfinite(x) for x in res.lambdas)
+
+
+def test_persistent_nan_gives_up_with_advice(base):
+    torch.manual_seed(0)
+    den = toy_denoiser(base)
+    real_predict = den.predict
+    poison = lambda adapted: float("nan") if adapted and torch.is_grad_enabled() else 1.0  # noqa: E731
+    den.predict = lambda x, t, c, adapted=True: real_predict(x, t, c, adapted) * poison(adapted)
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        Trainer(den, concept_problem(), TrainConfig(**{**TINY, "max_bad_steps": 3})).run()
+
+
+def test_nan_in_the_frozen_model_is_a_clear_error(base):
+    torch.manual_seed(0)
+    den = toy_denoiser(base)
+    real_predict = den.predict
+    den.predict = lambda x, t, c, adapted=True: real_predict(x, t, c, adapted) * (1.0 if adapted else float("nan"))
+    with pytest.raises(FloatingPointError, match="frozen model"):
+        Trainer(den, concept_problem(), TrainConfig(**TINY)).run()
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(method="nope"), "unknown method 'nope'"),
+    (dict(threshold=0.0), "threshold must be a positive number"),
+    (dict(threshold=-2.0), "threshold must be a positive number"),
+    (dict(lam_max=1.0), r"must be in \(0, 1\)"),
+    (dict(lam_max=1.5), r"must be in \(0, 1\)"),
+    (dict(method="esd"), "needs fixed_weight"),
+    (dict(lam_init=0.99), "outside"),
+])
+def test_bad_problem_settings_are_refused(kwargs, msg):
+    method = kwargs.pop("method", "ru")
+    with pytest.raises(ValueError, match=msg):
+        concept_problem(method, **kwargs)
+
+
+def test_empty_concept_and_concept_equal_to_anchor_are_refused():
+    with pytest.raises(ValueError, match="empty"):
+        Problem("ru", concepts=[ConceptSpec("  ")])
+    with pytest.raises(ValueError, match="equals its anchor"):
+        Problem("ru", concepts=[ConceptSpec("cat", "cat")])
+
+
+def test_data_method_without_data_is_refused():
+    with pytest.raises(ValueError, match="unlearns data"):
+        Problem("fu")
+    with pytest.raises(ValueError, match="forget set is empty"):
+        Problem("fu", data=DataSpec(torch.zeros(0, 2), torch.zeros(4, 2)))
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="dual_estimate"):
+        TrainConfig(dual_estimate="psychic")

@@ -1,0 +1,565 @@
+"""The primal–dual loop: one loop for every method (methods are data, see ``methods.py``).
+
+Concept methods (RU, ESD, LU), one step:
+  every ``refresh_every`` steps roll the *current* model's stochastic trajectories at each edited prompt (no grad)
+  and keep every state (one rollout feeds all its timesteps) → draw a batch of (x_t, t) → one batched frozen
+  forward for (anchor, concept[, reference]) with the adapter off → the closed-form target for the current λ →
+  one adapted forward + backward → optimizer step. Kept prompts ("stay within ρ") add (1 + μ)‖ε_θ − ε_0‖² on
+  their own trajectories, μ the dual of the retention constraint.
+Data methods (FU, NegGrad, SISS): noised retain/forget batches, DSM(retain) − λ DSM(forget).
+Every ``dual_every`` steps each constraint is estimated, smoothed, and its λ takes a projected ascent step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import targets
+from .denoiser import Denoiser, rollout
+from .dual import Constraint, DualVariable
+from .estimate import log_ratio, nelbo, path_kl_terms
+from .methods import MethodSpec, get_method
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConceptSpec", "DataSpec", "Problem", "TrainConfig", "Trainer", "TrainResult", "Cancelled"]
+
+
+class Cancelled(RuntimeError):
+    """Raised inside the loop when the cancel callback says stop; the trainer returns a partial result."""
+
+
+@dataclass
+class ConceptSpec:
+    """One concept to forget. Prompts are whatever the denoiser's ``encode`` accepts.
+
+    ``edit`` is the prompt whose output changes (default: the concept itself, as in ESD); ``anchor`` the prompt
+    whose distribution p0 to stay close to (default ""); ``reference`` the base of LU's likelihood ratio
+    (default: the anchor).
+    """
+
+    concept: Any
+    anchor: Any = ""
+    edit: Any = None
+    reference: Any = None
+
+
+@dataclass
+class DataSpec:
+    """Data unlearning: ``forget`` (and ``retain``) are tensors of clean samples in the model's input space."""
+
+    forget: torch.Tensor
+    retain: torch.Tensor
+    cond: Any = ""
+
+
+@dataclass
+class Problem:
+    """What to unlearn, how far, and with which method.
+
+    ``threshold`` is read per ``threshold_mode``:
+      "increase" — the constraint must move by this much from the frozen model's own value, in the estimator's
+                   units (RU: path KL up by X; FU: forget-set KL up by X; LU: E[r] down by X). Estimator biases
+                   that the frozen and adapted model share cancel.
+      "multiple" — X times the calibrated separation between anchor and concept (1.0: "as far from the concept as
+                   the anchor is"); for LU, E[r] ≤ base − (X − 1)·|separation| … see :meth:`Trainer.thresholds`.
+      "raw"      — the constraint's value itself, in estimator units.
+    For baselines (frozen λ) the threshold is only reported against; ``fixed_weight`` sets their λ/η/w.
+    """
+
+    method: str
+    concepts: Sequence[ConceptSpec] = ()
+    data: DataSpec | None = None
+    keep: Sequence[Any] = ()
+    keep_rho: float = 0.05  # retention: path KL of kept prompts ≤ ρ × separation
+    threshold: float | Sequence[float] = 1.0
+    threshold_mode: str = "increase"
+    fixed_weight: float | None = None  # ESD η, NegGrad w, SISS λ; or a frozen λ for the constrained methods
+    lam_max: float | None = None
+    lam_init: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.spec: MethodSpec = get_method(self.method)
+        if self.spec.kind == "concept":
+            if not self.concepts:
+                raise ValueError(f"method {self.method!r} unlearns concepts: give at least one concept")
+            for c in self.concepts:
+                if isinstance(c.concept, str) and not c.concept.strip():
+                    raise ValueError("a concept prompt is empty; give the text of what to unlearn")
+                if c.concept == c.anchor:
+                    raise ValueError(f"concept {c.concept!r} equals its anchor: nothing to move away from")
+        else:
+            if self.data is None:
+                raise ValueError(f"method {self.method!r} unlearns data: give forget (and retain) samples")
+            if len(self.data.forget) == 0:
+                raise ValueError("the forget set is empty")
+            if len(self.data.retain) == 0:
+                raise ValueError("the retain set is empty")
+        if self.threshold_mode not in ("increase", "multiple", "raw"):
+            raise ValueError(f"threshold_mode must be increase|multiple|raw, got {self.threshold_mode!r}")
+        ths = [self.threshold] * self.n_constraints if isinstance(self.threshold, (int, float)) else list(self.threshold)
+        if len(ths) != self.n_constraints:
+            raise ValueError(f"{len(ths)} thresholds for {self.n_constraints} constraints")
+        for th in ths:
+            if not (isinstance(th, (int, float)) and math.isfinite(th)) or (th <= 0 and self.threshold_mode != "raw"):
+                raise ValueError(f"threshold must be a positive number, got {th!r}")
+        self.thresholds = [float(t) for t in ths]
+        hi = self.spec.lam_hi if self.lam_max is None else self.lam_max
+        if self.spec.objective in ("reverse_kl", "forward_kl", "siss") and not (0 < hi < 1):
+            raise ValueError(f"λ bound for {self.method!r} must be in (0, 1) (the target divides by 1 − λ), got {hi}")
+        if not (0 < hi and math.isfinite(hi)):
+            raise ValueError(f"λ bound must be a positive finite number, got {hi}")
+        self.lam_hi = hi
+        if not (0 <= self.lam_init <= hi):
+            raise ValueError(f"initial λ {self.lam_init} is outside [0, {hi}]")
+        if self.spec.frozen and self.fixed_weight is None:
+            raise ValueError(f"baseline {self.method!r} needs fixed_weight (ESD η, NegGrad weight, SISS λ)")
+        if self.fixed_weight is not None and not (self.fixed_weight >= 0 and math.isfinite(self.fixed_weight)):
+            raise ValueError(f"fixed_weight must be a finite number >= 0, got {self.fixed_weight!r}")
+        if self.keep_rho <= 0:
+            raise ValueError("keep_rho must be > 0")
+
+    @property
+    def n_constraints(self) -> int:
+        return len(self.concepts) if self.spec.kind == "concept" else 1
+
+    def frozen_lambda(self) -> float | None:
+        if self.fixed_weight is None:
+            return None
+        if self.method == "esd":
+            return targets.eta_to_lambda(self.fixed_weight)
+        return self.fixed_weight
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-3
+    batch: int = 256
+    dual_every: int = 10
+    dual_lr: float = 0.05
+    dual_smoothing: float = 0.5
+    dual_estimate: str = "network"  # "network": the adapted model's own value; "target": at p_λ (RU only)
+    rollouts: int = 32
+    rollout_jumps: int | None = None  # None: every step of the schedule
+    refresh_every: int = 10
+    guidance: float = 1.0
+    null_prompt: Any = ""
+    kl_t_min: int = 0
+    estimate_samples: int = 256  # samples for LU's E[r] and the final estimates
+    estimate_draws: int = 1
+    grad_clip: float = 10.0
+    seed: int = 0
+    max_bad_steps: int = 20
+    keep_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "dual_every", "rollouts", "refresh_every", "estimate_samples"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not (self.lr > 0 and self.dual_lr > 0):
+            raise ValueError("learning rates must be > 0")
+        if self.dual_estimate not in ("network", "target"):
+            raise ValueError(f"dual_estimate must be 'network' or 'target', got {self.dual_estimate!r}")
+
+
+@dataclass
+class TrainResult:
+    method: str
+    steps_done: int
+    cancelled: bool
+    lambdas: list[float]
+    thresholds: list[float]
+    calibration: list[float]
+    separation: list[float]
+    final_estimates: list[float]
+    history: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Buffer:
+    """States of the current model's trajectories at one prompt: (x_t, t, path-KL weight)."""
+
+    def __init__(self) -> None:
+        self.x = self.t = self.c = self.final = None
+        self.n_jumps = 0
+
+    def fill(self, states: torch.Tensor, ts: torch.Tensor, weights: torch.Tensor) -> None:
+        J, n = len(ts) - 1, states.shape[1]
+        self.x = states[:-1].reshape(J * n, *states.shape[2:])
+        self.t = ts[:-1].repeat_interleave(n)
+        self.c = weights.repeat_interleave(n)
+        self.final = states[-1]
+        self.n_jumps = J
+
+    def draw(self, k: int, g: torch.Generator):
+        idx = torch.randint(len(self.t), (k,), generator=g)
+        return self.x[idx], self.t[idx], self.c[idx]
+
+
+class Trainer:
+    """Primal–dual unlearning of a :class:`Denoiser`'s adapter.
+
+    ``callbacks`` receive event dicts ({"type": "step" | "dual" | "nan" | "calibration" | "done", ...});
+    ``should_stop()`` is polled every step (cancel); a stop returns the result so far with ``cancelled=True``.
+    """
+
+    def __init__(self, denoiser: Denoiser, problem: Problem, config: TrainConfig | None = None,
+                 callbacks: Sequence[Callable[[dict], None]] = (), should_stop: Callable[[], bool] | None = None):
+        self.d = denoiser
+        self.p = problem
+        self.cfg = config or TrainConfig()
+        self.callbacks = list(callbacks)
+        self.should_stop = should_stop or (lambda: False)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.spec = problem.spec
+        if self.spec.kind == "concept" and self.cfg.dual_estimate == "target" and self.spec.objective != "reverse_kl":
+            raise ValueError("dual_estimate='target' is available for RU/ESD only")
+        params = self.d.trainable_parameters()
+        if not params:
+            raise ValueError("the denoiser has no trainable adapter parameters")
+        self.opt = torch.optim.Adam(params, lr=self.cfg.lr)
+        self._encode_all()
+        self.constraints: list[Constraint] = []
+        self.keep_constraints: list[Constraint] = []
+        self.calibration: list[float] = []
+        self.separation: list[float] = []
+
+    # -------------------------------------------------------------------- set-up
+    def _encode_all(self) -> None:
+        enc = self.d.encode
+        if self.spec.kind == "concept":
+            self.terms = []
+            for c in self.p.concepts:
+                edit = c.concept if c.edit is None else c.edit
+                ref = c.anchor if c.reference is None else c.reference
+                self.terms.append({"edit": enc([edit]), "anchor": enc([c.anchor]), "concept": enc([c.concept]),
+                                   "ref": enc([ref]), "buf": _Buffer(), "name": str(c.concept)})
+            self.keep_terms = [{"cond": enc([k]), "buf": _Buffer(), "name": str(k)} for k in self.p.keep]
+            self.null = enc([self.cfg.null_prompt]) if self.cfg.guidance != 1.0 else None
+        else:
+            self.data_cond = enc([self.p.data.cond])
+
+    def _emit(self, event: dict) -> None:
+        for cb in self.callbacks:
+            cb(event)
+
+    def _rollout(self, cond: Any, n: int, adapted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        jumps = self.cfg.rollout_jumps or self.d.schedule.num_steps
+        states, ts = rollout(self.d, cond, n, jumps, self.gen, adapted=adapted, guidance=self.cfg.guidance,
+                             uncond=self.null)
+        weights = self.d.schedule.path_kl_weight(ts[:-1], ts[1:]).float()
+        return states, ts, weights
+
+    def _path_kl(self, buf: _Buffer, eps_a: torch.Tensor, eps_b: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
+        """n_jumps × mean over the jumps kept (t ≥ kl_t_min) of c‖Δε‖²: one trajectory's path KL."""
+        keep = t >= self.cfg.kl_t_min
+        if not bool(keep.any()):
+            return 0.0
+        frac = float(keep.float().mean()) if self.cfg.kl_t_min > 0 else 1.0
+        return float(path_kl_terms(eps_a[keep], eps_b[keep], c[keep]).mean()) * buf.n_jumps * frac
+
+    def _frozen(self, x: torch.Tensor, t: torch.Tensor, conds: list) -> list[torch.Tensor]:
+        with torch.no_grad():
+            outs = self.d.predict_many(x, t, conds, adapted=False)
+        for o in outs:
+            targets.check_finite("the frozen model's ε", o)
+        return outs
+
+    # -------------------------------------------------------------------- calibration
+    @torch.no_grad()
+    def calibrate(self) -> list[float]:
+        """The constraint's value under the frozen model (λ = 0's distribution), in estimator units, and the
+        anchor–concept separation used for "multiple" thresholds and as the dual step's scale."""
+        n = self.cfg.estimate_samples
+        self.calibration, self.separation = [], []
+        if self.spec.kind == "concept":
+            for term in self.terms:
+                states, ts, w = self._rollout(term["anchor"], max(n // 4, self.cfg.rollouts), adapted=False)
+                buf = _Buffer()
+                buf.fill(states, ts, w)
+                x, t, c = buf.x, buf.t, buf.c
+                sep = 0.0
+                for chunk in torch.split(torch.arange(len(t)), 8192):
+                    e_a, e_q = self._frozen(x[chunk], t[chunk], [term["anchor"], term["concept"]])
+                    keep = t[chunk] >= self.cfg.kl_t_min
+                    sep += float(path_kl_terms(e_a[keep], e_q[keep], c[chunk][keep]).sum())
+                sep /= states.shape[1]
+                self.separation.append(sep)
+                if self.spec.constraint == "path_kl":
+                    self.calibration.append(sep)  # λ = 0 gives p = p(anchor)
+                else:
+                    r = log_ratio(self.d, buf.final[:n], term["concept"], term["ref"], adapted=False,
+                                  draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min, seed=self.cfg.seed)
+                    self.calibration.append(float(r.mean()))
+        else:
+            f = self.p.data.forget
+            base = nelbo(self.d, f, self.data_cond, adapted=False, draws=self.cfg.estimate_draws,
+                         generator=torch.Generator().manual_seed(self.cfg.seed))
+            self.calibration.append(0.0)  # the increase of the forget-set KL is 0 at the frozen model
+            self.separation.append(float(base.mean()))
+            self._forget_base_nelbo = base
+        self._emit({"type": "calibration", "calibration": self.calibration, "separation": self.separation})
+        return self.calibration
+
+    def thresholds(self) -> list[float]:
+        out = []
+        for i, x in enumerate(self.p.thresholds):
+            base, sep, mode = self.calibration[i], self.separation[i], self.p.threshold_mode
+            if self.spec.constraint == "path_kl":
+                b = {"increase": base + x, "multiple": x * sep, "raw": x}[mode]
+            elif self.spec.constraint == "log_ratio":
+                b = {"increase": base - x, "multiple": base - (x - 1.0) * abs(sep), "raw": x}[mode]
+            else:
+                b = {"increase": x, "multiple": x * abs(sep), "raw": x}[mode]
+            out.append(b)
+        return out
+
+    def _make_constraints(self) -> None:
+        frozen = self.p.frozen_lambda()
+        lam0 = self.p.lam_init if frozen is None else frozen
+        if frozen is not None and not (0 <= frozen <= self.p.lam_hi):
+            raise ValueError(f"the fixed weight gives λ = {frozen:.4g}, outside [0, {self.p.lam_hi}]")
+        self.constraints = []
+        for i, b in enumerate(self.thresholds()):
+            if self.spec.constraint == "path_kl" and self.p.threshold_mode != "raw":
+                scale = max(self.separation[i], 1e-8)
+            else:
+                scale = max(abs(b - self.calibration[i]), abs(b) * 1e-3, 1e-8)
+            dual = DualVariable(value=lam0, lr=self.cfg.dual_lr, hi=self.p.lam_hi, frozen=frozen is not None,
+                                smoothing=self.cfg.dual_smoothing, scale=scale)
+            name = self.terms[i]["name"] if self.spec.kind == "concept" else "forget"
+            self.constraints.append(Constraint(name, self.spec.sense, b, dual))
+        self.keep_constraints = []
+        if self.spec.kind == "concept":
+            sep = max(min(self.separation), 1e-8)
+            for term in self.keep_terms:
+                dual = DualVariable(value=0.0, lr=self.cfg.dual_lr, hi=100.0, smoothing=self.cfg.dual_smoothing,
+                                    scale=self.p.keep_rho * sep)
+                self.keep_constraints.append(Constraint(f"keep:{term['name']}", "upper", self.p.keep_rho * sep, dual))
+
+    # -------------------------------------------------------------------- steps
+    def _concept_loss(self, step: int, stats: dict) -> torch.Tensor:
+        cfg = self.cfg
+        if step % cfg.refresh_every == 0:
+            for term in self.terms + self.keep_terms:
+                cond = term.get("edit", term.get("cond"))
+                term["buf"].fill(*self._rollout(cond, cfg.rollouts, adapted=True))
+        losses = []
+        for i, term in enumerate(self.terms):
+            lam = self.constraints[i].dual.value
+            x, t, c = term["buf"].draw(cfg.batch, self.gen)
+            need_ref = self.spec.objective in ("likelihood_ratio", "likelihood")
+            conds = [term["anchor"], term["concept"]] + ([term["ref"]] if need_ref else [])
+            eps = self._frozen(x, t, conds)
+            e_a, e_q = eps[0], eps[1]
+            if self.spec.objective == "reverse_kl":
+                target = targets.reverse_kl_target(e_a, e_q, lam)
+            elif self.spec.objective == "likelihood_ratio":
+                target = targets.likelihood_ratio_target(e_a, e_q, eps[2], lam)
+            else:
+                ratio = self._ratio_at_x0(x, t, e_a, term)
+                target = targets.likelihood_target(e_a, e_q, eps[2], lam, ratio)
+            pred = self.d.predict(x, t, term["edit"], adapted=True)
+            losses.append((pred - target).pow(2).flatten(1).mean(1).mean())
+            if self.spec.constraint == "path_kl":
+                if cfg.dual_estimate == "target":
+                    est = self._path_kl(term["buf"], target, e_q, t, c)
+                else:
+                    est = self._path_kl(term["buf"], pred.detach(), e_q, t, c)
+                stats.setdefault("est", [[] for _ in self.terms])[i].append(est)
+                if cfg.dual_estimate == "target":
+                    stats.setdefault("net_est", [[] for _ in self.terms])[i].append(
+                        self._path_kl(term["buf"], pred.detach(), e_q, t, c))
+        for j, term in enumerate(self.keep_terms):
+            x, t, c = term["buf"].draw(cfg.batch, self.gen)
+            (e0,) = self._frozen(x, t, [term["cond"]])
+            pred = self.d.predict(x, t, term["cond"], adapted=True)
+            mu = self.keep_constraints[j].dual.value
+            losses.append(cfg.keep_weight * (1 + mu) * (pred - e0).pow(2).flatten(1).mean(1).mean())
+            stats.setdefault("keep_est", [[] for _ in self.keep_terms])[j].append(
+                self._path_kl(term["buf"], pred.detach(), e0, t, c))
+        return torch.stack(losses).sum()
+
+    @torch.no_grad()
+    def _ratio_at_x0(self, x: torch.Tensor, t: torch.Tensor, eps_anchor: torch.Tensor, term: dict) -> torch.Tensor:
+        """LU likelihood form: r̂ = exp(log-ratio) at the predicted clean sample x̂0 (clipped for stability)."""
+        x0 = self.d.schedule.predict_x0(x, t, eps_anchor).clamp(-10, 10)
+        r = log_ratio(self.d, x0, term["concept"], term["ref"], adapted=False, draws=1,
+                      t_min=self.cfg.kl_t_min, seed=int(torch.randint(2**31, (1,), generator=self.gen)))
+        return r.clamp(-20, 5).exp().float()
+
+    def _data_loss(self, step: int, stats: dict) -> torch.Tensor:
+        cfg, data, sched = self.cfg, self.p.data, self.d.schedule
+        T = sched.num_steps
+        lam = self.constraints[0].dual.value
+        b = cfg.batch
+        xr = data.retain[torch.randint(len(data.retain), (b,), generator=self.gen)]
+        xf = data.forget[torch.randint(len(data.forget), (b,), generator=self.gen)]
+        t = torch.randint(T, (b,), generator=self.gen)
+        c_t = sched.path_kl_weight(t, t - 1).float()
+        if self.spec.objective == "siss":
+            s = 0.5
+            pick = (torch.rand(b, generator=self.gen) < s).reshape(-1, *([1] * (xr.dim() - 1)))
+            noise = torch.randn(xr.shape, generator=self.gen)
+            x_t = sched.add_noise(torch.where(pick, xf, xr), t, noise)
+            abar = sched._abar(t, x_t)
+            n_r = (x_t - abar.sqrt() * xr) / (1 - abar).sqrt()
+            n_f = (x_t - abar.sqrt() * xf) / (1 - abar).sqrt()
+            # kernel log-densities up to the shared constant; weights = kernel / mixture
+            lk_r = -0.5 * n_r.pow(2).flatten(1).sum(1)
+            lk_f = -0.5 * n_f.pow(2).flatten(1).sum(1)
+            lmix = torch.logaddexp(lk_r + math.log(1 - s), lk_f + math.log(s))
+            w_r, w_f = (lk_r - lmix).exp(), (lk_f - lmix).exp()
+            pred = self.d.predict(x_t, t, self.data_cond, adapted=True)
+            loss = targets.siss_loss(pred, n_r, n_f, w_r, w_f, lam)
+            pred_f, noise_f, xft = None, None, None
+        else:
+            nr, nf = torch.randn(xr.shape, generator=self.gen), torch.randn(xf.shape, generator=self.gen)
+            xrt, xft = sched.add_noise(xr, t, nr), sched.add_noise(xf, t, nf)
+            pred = self.d.predict(torch.cat([xrt, xft]), t.repeat(2), self.data_cond, adapted=True)
+            pred_r, pred_f = pred.chunk(2)
+            noise_f = nf
+            loss = targets.forward_kl_loss(pred_r, nr, pred_f, nf, lam)
+        # forget-set KL increase E_q[NELBO_θ − NELBO_0] on this batch (every t equally likely: × T)
+        if xft is None:
+            nf2 = torch.randn(xf.shape, generator=self.gen)
+            xft, noise_f = sched.add_noise(xf, t, nf2), nf2
+            with torch.no_grad():
+                pred_f = self.d.predict(xft, t, self.data_cond, adapted=True)
+        (e0,) = self._frozen(xft, t, [self.data_cond])
+        diff = (pred_f.detach() - noise_f).pow(2).flatten(1).sum(1) - (e0 - noise_f).pow(2).flatten(1).sum(1)
+        stats.setdefault("est", [[]])[0].append(float((c_t * diff).mean()) * T)
+        return loss
+
+    # -------------------------------------------------------------------- final estimates
+    @torch.no_grad()
+    def estimate_constraints(self, n: int | None = None) -> list[float]:
+        """Fresh, larger-sample estimates of every constraint for the current adapter (the "achieved" values)."""
+        n = n or self.cfg.estimate_samples
+        out = []
+        if self.spec.kind == "concept":
+            for term in self.terms:
+                states, ts, w = self._rollout(term["edit"], n, adapted=True)
+                if self.spec.constraint == "path_kl":
+                    buf = _Buffer()
+                    buf.fill(states, ts, w)
+                    tot = 0.0
+                    for chunk in torch.split(torch.arange(len(buf.t)), 8192):
+                        x, t, c = buf.x[chunk], buf.t[chunk], buf.c[chunk]
+                        p = self.d.predict(x, t, term["edit"], adapted=True)
+                        (e_q,) = self._frozen(x, t, [term["concept"]])
+                        keep = t >= self.cfg.kl_t_min
+                        tot += float(path_kl_terms(p[keep], e_q[keep], c[keep]).sum())
+                    out.append(tot / n)
+                else:
+                    r = log_ratio(self.d, states[-1], term["concept"], term["ref"], adapted=False,
+                                  draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min, seed=self.cfg.seed + 1)
+                    out.append(float(r.mean()))
+        else:
+            f = self.p.data.forget
+            g1, g2 = (torch.Generator().manual_seed(self.cfg.seed + 7) for _ in range(2))
+            draws = max(self.cfg.estimate_draws, 2)
+            adapted = nelbo(self.d, f, self.data_cond, adapted=True, draws=draws, generator=g1)
+            base = nelbo(self.d, f, self.data_cond, adapted=False, draws=draws, generator=g2)
+            out.append(float((adapted - base).mean()))
+        return out
+
+    # -------------------------------------------------------------------- loop
+    def run(self) -> TrainResult:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        if not self.calibration:
+            self.calibrate()
+        self._make_constraints()
+        history: list[dict] = []
+        events: list[dict] = []
+        good = self._snapshot()
+        bad_in_a_row = 0
+        stats: dict = {}
+        cancelled = False
+        step = 0
+        for step in range(cfg.steps):
+            if self.should_stop():
+                cancelled = True
+                break
+            self.opt.zero_grad(set_to_none=True)
+            loss = self._concept_loss(step, stats) if self.spec.kind == "concept" else self._data_loss(step, stats)
+            ok = bool(torch.isfinite(loss))
+            if ok:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.d.trainable_parameters(), cfg.grad_clip)
+                self.opt.step()
+                ok = all(bool(torch.isfinite(p).all()) for p in self.d.trainable_parameters())
+            if not ok:
+                bad_in_a_row += 1
+                self._restore(good)
+                ev = {"type": "nan", "step": step, "restored_to_step": good["step"],
+                      "message": f"non-finite loss or weights at step {step}; restored the state of step {good['step']}"}
+                log.warning(ev["message"])
+                events.append(ev)
+                self._emit(ev)
+                stats.clear()
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{bad_in_a_row} non-finite steps in a row (last at step {step}); lower the learning rate "
+                        f"(now {cfg.lr}) or the λ bound (now {self.p.lam_hi})")
+                continue
+            bad_in_a_row = 0
+            rec = {"step": step, "loss": float(loss.detach())}
+            if (step + 1) % cfg.dual_every == 0:
+                self._dual_update(stats, rec)
+                stats = {}
+                good = self._snapshot(step)
+            history.append(rec)
+            self._emit({"type": "step", **rec, "total": cfg.steps})
+        final = self.estimate_constraints()
+        res = TrainResult(
+            method=self.p.method, steps_done=step + (0 if cancelled else 1), cancelled=cancelled,
+            lambdas=[c.dual.value for c in self.constraints], thresholds=[c.threshold for c in self.constraints],
+            calibration=list(self.calibration), separation=list(self.separation), final_estimates=final,
+            history=history, events=events, seconds=time.perf_counter() - t0)
+        self._emit({"type": "done", "lambdas": res.lambdas, "final_estimates": final, "cancelled": cancelled})
+        return res
+
+    def _dual_update(self, stats: dict, rec: dict) -> None:
+        if self.spec.constraint == "log_ratio":
+            # E_p[r] on the current model's own samples (the final states of the latest rollouts).
+            est = []
+            for term in self.terms:
+                x0 = term["buf"].final
+                r = log_ratio(self.d, x0, term["concept"], term["ref"], adapted=False, draws=1,
+                              t_min=self.cfg.kl_t_min, seed=int(torch.randint(2**31, (1,), generator=self.gen)))
+                est.append([float(r.mean())])
+            stats["est"] = est
+        ests = [sum(v) / len(v) for v in stats.get("est", [])]
+        rec["lambda"] = [c.update(e) for c, e in zip(self.constraints, ests)]
+        rec["estimate"] = ests
+        rec["slack"] = [c.slack(e) for c, e in zip(self.constraints, ests)]
+        if "net_est" in stats:
+            rec["network_estimate"] = [sum(v) / len(v) for v in stats["net_est"]]
+        if self.keep_constraints:
+            kests = [sum(v) / len(v) for v in stats.get("keep_est", [])]
+            rec["keep_mu"] = [c.update(e) for c, e in zip(self.keep_constraints, kests)]
+            rec["keep_estimate"] = kests
+        self._emit({"type": "dual", **rec})
+
+    def _snapshot(self, step: int = -1) -> dict:
+        return {"step": step, "adapter": self.d.adapter_state(),
+                "opt": copy.deepcopy(self.opt.state_dict()),
+                "duals": [c.dual.state_dict() for c in self.constraints + self.keep_constraints]}
+
+    def _restore(self, snap: dict) -> None:
+        self.d.load_adapter_state(snap["adapter"])
+        self.opt.load_state_dict(copy.deepcopy(snap["opt"]))
+        for c, s in zip(self.constraints + self.keep_constraints, snap["duals"]):
+            c.dual.load_state_dict(s)
