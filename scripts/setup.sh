@@ -9,14 +9,19 @@ KEY="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/constrai
 VENV="${UNLEARN_VENV:-$CACHE/venv-$KEY}"
 PY="${PYTHON:-python3}"
 if [ ! -f "$VENV/.ready" ]; then
-  echo "setting up $VENV (first run: a few minutes)" >&2
+  LOG="$CACHE/setup-$KEY.log"
+  echo "setting up $VENV (first run: a few minutes; log: $LOG)" >&2
   mkdir -p "$CACHE"
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" torch torchvision \
-      -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" \
-      $( [ -f "$ROOT/requirements-test.txt" ] && echo "-r $ROOT/requirements-test.txt" ) >&2
+  if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
+         "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" torch torchvision \
+           -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" -r "$ROOT/requirements-test.txt"; } >"$LOG" 2>&1
+  then
+    tail -n 30 "$LOG" >&2
+    echo "set-up failed; full log: $LOG" >&2
+    exit 1
+  fi
   touch "$VENV/.ready"
 fi
 echo "$VENV"

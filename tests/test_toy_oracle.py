@@ -17,6 +17,7 @@ from unlearn_core import toy
 
 SEEDS = [0, 1, 2]
 CASES = {"ru": 10.0, "lu": 10.0, "fu": 0.5}
+STEPS = {"ru": 1200, "lu": 1200, "fu": 2000}
 OBJECTIVE = {"ru": "reverse_kl", "lu": "likelihood_ratio", "fu": "forward_kl"}
 
 
@@ -27,7 +28,7 @@ def oracle(method: str) -> float:
 
 @functools.lru_cache(maxsize=None)
 def run(method: str, seed: int, **kw) -> dict:
-    return toy.run_toy(method, CASES[method], seed=seed, oracle=False, **kw)
+    return toy.run_toy(method, CASES[method], seed=seed, oracle=False, steps=STEPS[method], **kw)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -43,7 +44,7 @@ def test_primal_dual_meets_the_threshold_and_finds_lambda_star(method, seed):
 
 def test_a_fixed_weight_baseline_does_not_adapt():
     """ESD with a hand-set η lands wherever η puts it; RU (same loop, λ learned) meets the request."""
-    esd = toy.run_toy("esd", CASES["ru"], seed=0, fixed_weight=0.05, oracle=False)
+    esd = toy.run_toy("esd", CASES["ru"], seed=0, fixed_weight=0.05, oracle=False, steps=STEPS["ru"])
     assert esd["lambda"] == pytest.approx(0.05 / 1.05)
     assert esd["achieved"] < 0.6 * CASES["ru"], esd
     assert run("ru", 0)["achieved"] == pytest.approx(CASES["ru"], rel=0.15)
