@@ -41,9 +41,9 @@ def p_lu(p0, r, lam):
 
 PROBLEMS = {
     # name: (objective(p), constraint g(p), sense, p_λ, λ range)
-    "ru": (lambda p, d: kl(p, d[0]), lambda p, d: kl(p, d[1]), "lower", lambda d, l: p_ru(d[0], d[1], l), 0.9),
-    "fu": (lambda p, d: kl(d[0], p), lambda p, d: kl(d[1], p), "lower", lambda d, l: p_fu(d[0], d[1], l), None),
-    "lu": (lambda p, d: kl(p, d[0]), lambda p, d: float(p @ d[2]), "upper", lambda d, l: p_lu(d[0], d[2], l), 5.0),
+    "ru": (lambda p, d: kl(p, d[0]), lambda p, d: kl(p, d[1]), "lower", lambda d, lam: p_ru(d[0], d[1], lam), 0.9),
+    "fu": (lambda p, d: kl(d[0], p), lambda p, d: kl(d[1], p), "lower", lambda d, lam: p_fu(d[0], d[1], lam), None),
+    "lu": (lambda p, d: kl(p, d[0]), lambda p, d: float(p @ d[2]), "upper", lambda d, lam: p_lu(d[0], d[2], lam), 5.0),
 }
 
 
@@ -107,7 +107,7 @@ def test_duality_gap_is_zero(name, dists):
     p_lam = PROBLEMS[name][3]
     hi = lam_star * 2
     lams = np.linspace(0, min(hi, 0.999 * (PROBLEMS[name][4] or np.min(dists[0] / dists[1]))), 401)
-    dual = [lagrangian(name, p_lam(dists, l), l, b, dists) for l in lams]
+    dual = [lagrangian(name, p_lam(dists, x), x, b, dists) for x in lams]
     primal = PROBLEMS[name][0](p_lam(dists, lam_star), dists)
     assert max(dual) == pytest.approx(primal, rel=1e-4, abs=1e-6)
     assert lams[int(np.argmax(dual))] == pytest.approx(lam_star, abs=2 * (lams[1] - lams[0]))

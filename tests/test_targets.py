@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unlearn_core import targets
-from unlearn_core.toy import GMM, toy_mixtures, toy_schedule
+from unlearn_core.toy import GMM, toy_schedule
 
 
 @pytest.fixture

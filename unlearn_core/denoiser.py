@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn

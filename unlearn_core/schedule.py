@@ -46,12 +46,12 @@ class NoiseSchedule:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def linear(cls, num_steps: int, beta_start: float, beta_end: float, variance: str = "large") -> "NoiseSchedule":
+    def linear(cls, num_steps: int, beta_start: float, beta_end: float, variance: str = "large") -> NoiseSchedule:
         betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
         return cls(torch.cumprod(1.0 - betas, 0), variance)
 
     @classmethod
-    def cosine(cls, num_steps: int, variance: str = "large", max_beta: float = 0.999) -> "NoiseSchedule":
+    def cosine(cls, num_steps: int, variance: str = "large", max_beta: float = 0.999) -> NoiseSchedule:
         """Nichol & Dhariwal's squared-cosine schedule (diffusers' ``squaredcos_cap_v2``)."""
         f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
         betas = torch.tensor(

@@ -16,8 +16,9 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -159,6 +160,10 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 20
     keep_weight: float = 1.0
+    # Primal–dual iterates converge on average, not pointwise: λ keeps oscillating around λ* by the controller's
+    # ripple. For the last ``polish_fraction`` of the steps each λ is frozen at its mean over the preceding
+    # ``polish_fraction`` of the run, so the adapter converges to p_λ̄ (the reported λ).
+    polish_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "dual_every", "rollouts", "refresh_every", "estimate_samples"):
@@ -488,6 +493,8 @@ class Trainer:
         stats: dict = {}
         cancelled = False
         step = 0
+        polish_start = cfg.steps - int(round(cfg.polish_fraction * cfg.steps))
+        polished = cfg.polish_fraction == 0.0
         for step in range(cfg.steps):
             if self.should_stop():
                 cancelled = True
@@ -515,6 +522,9 @@ class Trainer:
                         f"(now {cfg.lr}) or the λ bound (now {self.p.lam_hi})")
                 continue
             bad_in_a_row = 0
+            if step >= polish_start and not polished:
+                self._freeze_at_average(history, step)
+                polished = True
             rec = {"step": step, "loss": float(loss.detach())}
             if (step + 1) % cfg.dual_every == 0:
                 self._dual_update(stats, rec)
@@ -530,6 +540,20 @@ class Trainer:
             history=history, events=events, seconds=time.perf_counter() - t0)
         self._emit({"type": "done", "lambdas": res.lambdas, "final_estimates": final, "cancelled": cancelled})
         return res
+
+    def _freeze_at_average(self, history: list[dict], polish_start: int) -> None:
+        window = polish_start - int(round(self.cfg.polish_fraction * self.cfg.steps))
+        recs = [h for h in history if "lambda" in h and h["step"] >= window]
+        if not recs:
+            return
+        for i, c in enumerate(self.constraints):
+            if not c.dual.frozen:
+                c.dual.value = sum(h["lambda"][i] for h in recs) / len(recs)
+                c.dual.frozen = True
+        for j, c in enumerate(self.keep_constraints):
+            c.dual.value = sum(h["keep_mu"][j] for h in recs) / len(recs)
+            c.dual.frozen = True
+        self._emit({"type": "polish", "step": polish_start, "lambdas": [c.dual.value for c in self.constraints]})
 
     def _dual_update(self, stats: dict, rec: dict) -> None:
         if self.spec.constraint == "log_ratio":

@@ -23,8 +23,15 @@ import torch.nn.functional as F
 
 from .data import DIGIT_WORDS, MAIN_TEMPLATE, STYLES, TRAIN_TEMPLATES, caption, load_demo_data
 from .judge import Judge, save_judge, train_judge
-from .model import (WEIGHTS_DIR, DemoModel, SamplerSettings, build_unet, default_scheduler_config,
-                    default_unet_config, save_demo_model)
+from .model import (
+    WEIGHTS_DIR,
+    DemoModel,
+    SamplerSettings,
+    build_unet,
+    default_scheduler_config,
+    default_unet_config,
+    save_demo_model,
+)
 from .text import TextEncoder
 
 log = logging.getLogger("unlearn_core.demo.build")
@@ -61,16 +68,28 @@ class _Ema:
                 self.shadow[k].copy_(v)
 
 
-def judge_prompts(model: DemoModel, judge: Judge, template: str, style: str, n: int, seed: int,
-                  guidance: float, steps: int | None = None) -> dict:
+def judge_prompts(
+    model: DemoModel,
+    judge: Judge,
+    template: str,
+    style: str,
+    n: int,
+    seed: int,
+    guidance: float,
+    steps: int | None = None,
+) -> dict:
     """Sample ``n`` images per digit for one template and style; judge digit and style."""
     prompts = [caption(template, d, style) for d in range(len(DIGIT_WORDS))]
     imgs = model.sample(prompts, n=n, seed=seed, guidance=guidance, steps=steps)
     target = torch.arange(len(DIGIT_WORDS)).repeat_interleave(n)
     hit = (judge.predict_digit(imgs) == target).float().view(len(DIGIT_WORDS), n).mean(1)
     style_hit = (judge.predict_style(imgs) == STYLES.index(style)).float().mean()
-    return {"per_digit": [round(float(v), 3) for v in hit], "mean": round(float(hit.mean()), 4),
-            "min": round(float(hit.min()), 3), "style": round(float(style_hit), 4)}
+    return {
+        "per_digit": [round(float(v), 3) for v in hit],
+        "mean": round(float(hit.mean()), 4),
+        "min": round(float(hit.min()), 3),
+        "style": round(float(style_hit), 4),
+    }
 
 
 @torch.no_grad()
@@ -95,8 +114,11 @@ def text_dependence(unet, sched, x0, digits, styles, emb, mask, table, seed: int
         for name, cid in (("true", cap_true), ("empty", torch.zeros_like(cap_true)), ("wrong", cap_wrong)):
             e = unet(xt, tt, encoder_hidden_states=emb[cid], encoder_attention_mask=mask[cid]).sample
             res[name] = float(F.mse_loss(e, noise))
-        out[t] = {"true": round(res["true"], 5), "gap_wrong": round((res["wrong"] - res["true"]) / res["true"], 4),
-                  "gap_empty": round((res["empty"] - res["true"]) / res["true"], 4)}
+        out[t] = {
+            "true": round(res["true"], 5),
+            "gap_wrong": round((res["wrong"] - res["true"]) / res["true"], 4),
+            "gap_empty": round((res["empty"] - res["true"]) / res["true"], 4),
+        }
     return out
 
 
@@ -166,20 +188,42 @@ def train_diffusion(args, judge: Judge, log_file) -> tuple[dict, dict]:
         lr_sched.step()
         ema.update(unet)
         if step % 25 == 0:
-            log.info("step %d loss %.4f (ε-mse %.4f) lr %.2e  %.1f s", step, loss.item(), per.mean().item(),
-                     lr_sched.get_last_lr()[0], time.time() - t0)
+            log.info(
+                "step %d loss %.4f (ε-mse %.4f) lr %.2e  %.1f s",
+                step,
+                loss.item(),
+                per.mean().item(),
+                lr_sched.get_last_lr()[0],
+                time.time() - t0,
+            )
         if step % args.eval_every == 0 or step == args.steps:
             te = time.time()
             eval_unet.load_state_dict(ema.shadow)
             rec = {"step": step, "train_s": round(te - t0, 1), "loss": round(loss.item(), 5)}
-            for name, g in (("cfg", args.guidance), ("cfg1", 1.0)):
-                if name == "cfg1" and not args.eval_cfg1:
+            for name, g in (("cfg", args.guidance), ("cfg1", 1.0), ("proto", 4.0)):
+                if (name == "cfg1" and not args.eval_cfg1) or (name == "proto" and not args.eval_proto):
                     continue
-                rec[name] = judge_prompts(eval_model, judge, MAIN_TEMPLATE, "plain", args.eval_n, seed=1000 + step,
-                                          guidance=g)
+                # "proto": the first prototype's sampler (x0 clipped to [-1, 1], CFG 4, steps_offset 0).
+                eval_model.sampler = (
+                    SamplerSettings(steps=args.sample_steps, guidance=4.0, steps_offset=0, clip_sample=True)
+                    if name == "proto"
+                    else sampler
+                )
+                rec[name] = judge_prompts(
+                    eval_model,
+                    judge,
+                    MAIN_TEMPLATE,
+                    "plain",
+                    args.eval_n,
+                    seed=1000 + step,
+                    guidance=g,
+                    steps=args.eval_steps,
+                )
+            eval_model.sampler = sampler
             if args.eval_probe:
-                rec["text_dependence"] = text_dependence(eval_unet, sched, x_all[probe], data.digits[probe],
-                                                         data.styles[probe], emb, mask, table)
+                rec["text_dependence"] = text_dependence(
+                    eval_unet, sched, x_all[probe], data.digits[probe], data.styles[probe], emb, mask, table
+                )
             rec["eval_s"] = round(time.time() - te, 1)
             t0 += time.time() - te  # training time excludes evaluation
             log.info("eval %s", json.dumps(rec))
@@ -187,8 +231,12 @@ def train_diffusion(args, judge: Judge, log_file) -> tuple[dict, dict]:
             log_file.flush()
             score = rec["cfg"]["mean"] + 0.25 * rec["cfg"]["min"]
             if score > best["score"]:
-                best = {"score": score, "step": step, "state": {k: v.clone() for k, v in ema.shadow.items()},
-                        "eval": rec}
+                best = {
+                    "score": score,
+                    "step": step,
+                    "state": {k: v.clone() for k, v in ema.shadow.items()},
+                    "eval": rec,
+                }
     eval_unet.load_state_dict(best["state"])
     info = {
         "parameters": n_params,
@@ -205,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where to write the weights (default: shipped)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--ema", type=float, default=0.99)
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64])
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--beta-schedule", default="squaredcos_cap_v2")
@@ -218,11 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snr-gamma", type=float, default=5.0)
     p.add_argument("--t-min", type=int, default=0)
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--eval-n", type=int, default=10, help="samples per digit in each in-loop evaluation")
+    p.add_argument("--sample-steps", type=int, default=15, help="default DDIM steps stored with the model")
+    p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of the in-loop evaluations")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-n", type=int, default=6, help="samples per digit in each in-loop evaluation")
     p.add_argument("--eval-cfg1", action="store_true", help="also evaluate without guidance (diagnosis)")
     p.add_argument("--eval-probe", action="store_true", help="also log the per-t text-dependence probe")
+    p.add_argument(
+        "--eval-proto",
+        action="store_true",
+        help="also evaluate with the first prototype's sampler (clipped x0, CFG 4) (diagnosis)",
+    )
     p.add_argument("--judge-dir", type=Path, default=None, help="reuse a trained judge instead of training one")
     p.add_argument("--log", type=Path, default=None, help="JSON-lines evaluation log (default: OUT/build_log.jsonl)")
     args = p.parse_args(argv)
@@ -244,14 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     judge_s = time.time() - start
     with open(args.log or args.out / "build_log.jsonl", "w") as f:
         result, info = train_diffusion(args, judge, f)
-    info.update({
-        "seed": args.seed,
-        "threads": args.threads,
-        "build_args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "judge": judge_info,
-        "judge_seconds": round(judge_s, 1),
-        "build_seconds": round(time.time() - start, 1),
-    })
+    info.update(
+        {
+            "seed": args.seed,
+            "threads": args.threads,
+            "build_args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "judge": judge_info,
+            "judge_seconds": round(judge_s, 1),
+            "build_seconds": round(time.time() - start, 1),
+        }
+    )
     save_demo_model(result["unet"], info, result["sampler"], args.out)
     cfg_path = args.out / "config.json"
     cfg = json.loads(cfg_path.read_text())

@@ -31,15 +31,33 @@ def _judge(model: DemoModel, judge: Judge, template: str, style: str, n: int, se
     return [float(v) for v in per_digit], float(style_ok)
 
 
-def evaluate(model: DemoModel, judge: Judge, n: int = 50, n_para: int = 20, n_style: int = 20, seed: int = 0,
-             guidance: float | None = None, steps: int | None = None) -> dict:
+def evaluate(
+    model: DemoModel,
+    judge: Judge,
+    n: int = 50,
+    n_para: int = 20,
+    n_style: int = 20,
+    seed: int = 0,
+    guidance: float | None = None,
+    steps: int | None = None,
+) -> dict:
     """All acceptance numbers as a dict (see ``BARS``)."""
-    res: dict = {"n_main": n, "n_paraphrase": n_para, "n_style": n_style, "seed": seed,
-                 "guidance": model.sampler.guidance if guidance is None else guidance,
-                 "steps": model.sampler.steps if steps is None else steps}
+    res: dict = {
+        "n_main": n,
+        "n_paraphrase": n_para,
+        "n_style": n_style,
+        "seed": seed,
+        "guidance": model.sampler.guidance if guidance is None else guidance,
+        "steps": model.sampler.steps if steps is None else steps,
+    }
     per_digit, plain_style = _judge(model, judge, MAIN_TEMPLATE, "plain", n, seed, guidance, steps)
-    res["main"] = {"prompt": MAIN_TEMPLATE, "per_digit": per_digit, "mean": sum(per_digit) / len(per_digit),
-                   "min": min(per_digit), "style": plain_style}
+    res["main"] = {
+        "prompt": MAIN_TEMPLATE,
+        "per_digit": per_digit,
+        "mean": sum(per_digit) / len(per_digit),
+        "min": min(per_digit),
+        "style": plain_style,
+    }
     res["paraphrases"] = {}
     for i, tpl in enumerate(HELDOUT_TEMPLATES):
         pd, st = _judge(model, judge, tpl, "plain", n_para, seed + 101 + i, guidance, steps)
@@ -68,8 +86,14 @@ def _table(res: dict) -> str:
         return name[:44].ljust(44) + "".join(f"{v:6.2f}" for v in pd) + f"  {mean:5.3f}  {style:5.2f}"
 
     m = res["main"]
-    rows.append(row(caption(MAIN_TEMPLATE, 3).replace("three", "<word>") + f"  (n={res['n_main']})",
-                    m["per_digit"], m["mean"], m["style"]))
+    rows.append(
+        row(
+            caption(MAIN_TEMPLATE, 3).replace("three", "<word>") + f"  (n={res['n_main']})",
+            m["per_digit"],
+            m["mean"],
+            m["style"],
+        )
+    )
     for tpl, v in res["paraphrases"].items():
         name = caption(tpl, 3).replace("three", "<word>").replace("3", "<d>") + f"  (n={res['n_paraphrase']})"
         rows.append(row(name, v["per_digit"], v["mean"], v["style"]))
@@ -77,9 +101,13 @@ def _table(res: dict) -> str:
     rows.append(f"paraphrase mean {res['paraphrase_mean']:.3f}   (bar {BARS['paraphrase_mean']})")
     for style, v in res["styles"].items():
         rows.append(f"style '{style}': judged {style} {v['style']:.3f}, digit accuracy {v['digit']:.3f}")
-    rows.append(f"main mean {m['mean']:.3f} (bar {BARS['main_mean']}), worst digit {m['min']:.2f} "
-                f"(bar {BARS['main_min']}), style min {res['style_min']:.3f} (bar {BARS['style']})")
-    rows.append("PASS" if all(res["pass"].values()) else "FAIL: " + ", ".join(k for k, v in res["pass"].items() if not v))
+    rows.append(
+        f"main mean {m['mean']:.3f} (bar {BARS['main_mean']}), worst digit {m['min']:.2f} "
+        f"(bar {BARS['main_min']}), style min {res['style_min']:.3f} (bar {BARS['style']})"
+    )
+    rows.append(
+        "PASS" if all(res["pass"].values()) else "FAIL: " + ", ".join(k for k, v in res["pass"].items() if not v)
+    )
     return "\n".join(rows)
 
 

@@ -31,10 +31,16 @@ class JudgeNet(nn.Module):
     def __init__(self, width: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(2 * width * 16, 128), nn.ReLU(), nn.Dropout(0.2),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(2 * width * 16, 128),
+            nn.ReLU(),
+            nn.Dropout(0.2),
         )
         self.digit_head = nn.Linear(128, len(DIGIT_WORDS))
         self.style_head = nn.Linear(128, len(STYLES))
@@ -58,7 +64,7 @@ class Judge:
             x = x.unsqueeze(1)
         outs_d, outs_s = [], []
         for i in range(0, x.shape[0], 1024):
-            d, s = self.net(x[i:i + 1024])
+            d, s = self.net(x[i : i + 1024])
             outs_d.append(d)
             outs_s.append(s)
         return torch.cat(outs_d), torch.cat(outs_s)
@@ -100,7 +106,7 @@ def train_judge(seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: float
         perm = torch.randperm(len(train), generator=gen)
         net.train()
         for i in range(0, len(train), batch_size):
-            b = perm[i:i + batch_size]
+            b = perm[i : i + batch_size]
             d, s = net(_augment(x_all[b], gen))
             loss = F.cross_entropy(d, train.digits[b]) + F.cross_entropy(s, train.styles[b])
             opt.zero_grad()

@@ -9,10 +9,9 @@ layers are named ``...attentions.N.transformer_blocks.0.attn2.to_k`` etc., so Lo
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,7 +64,7 @@ def default_scheduler_config() -> dict:
 class SamplerSettings:
     """Defaults for ``DemoModel.sample`` (stored in the weights' config.json)."""
 
-    steps: int = 20
+    steps: int = 15
     guidance: float = 3.0
     timestep_spacing: str = "leading"
     steps_offset: int = 1
@@ -84,8 +83,14 @@ class DemoModel:
     ``sample`` returns images ``[N, 16, 16]`` in [0, 1]; images are ``[N, 1, 16, 16]`` in [-1, 1] inside the UNet.
     """
 
-    def __init__(self, unet, scheduler, sampler: SamplerSettings | None = None, info: dict | None = None,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        sampler: SamplerSettings | None = None,
+        info: dict | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.unet = unet
         self.scheduler = scheduler
         self.sampler = sampler or SamplerSettings()
@@ -108,7 +113,7 @@ class DemoModel:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
             h, m = self.text_encoder.encode(missing)
-            for p, hp, mp in zip(missing, h, m):
+            for p, hp, mp in zip(missing, h, m, strict=True):
                 self._cache[p] = (hp, mp)
         return (torch.stack([self._cache[p][0] for p in prompts]), torch.stack([self._cache[p][1] for p in prompts]))
 
@@ -133,8 +138,16 @@ class DemoModel:
         return self.unet(x, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
 
     @torch.no_grad()
-    def sample(self, prompts: list[str] | str, n: int = 1, seed: int = 0, guidance: float | None = None,
-               steps: int | None = None, batch_size: int = 256, progress=None) -> torch.Tensor:
+    def sample(
+        self,
+        prompts: list[str] | str,
+        n: int = 1,
+        seed: int = 0,
+        guidance: float | None = None,
+        steps: int | None = None,
+        batch_size: int = 256,
+        progress=None,
+    ) -> torch.Tensor:
         """``n`` images per prompt (prompt-major order), deterministic for a given seed: ``[P·n, 16, 16]`` in [0, 1].
 
         Classifier-free guidance ``ε = ε("") + w (ε(c) − ε(""))``; ``w = 1`` is the plain conditional model.
@@ -152,8 +165,17 @@ class DemoModel:
         uhid, umask = self.encode([""])
         out = []
         for i in range(0, len(all_prompts), batch_size):
-            out.append(self._sample_batch(noise[i:i + batch_size], hid[i:i + batch_size], mask[i:i + batch_size],
-                                          uhid, umask, guidance, steps))
+            out.append(
+                self._sample_batch(
+                    noise[i : i + batch_size],
+                    hid[i : i + batch_size],
+                    mask[i : i + batch_size],
+                    uhid,
+                    umask,
+                    guidance,
+                    steps,
+                )
+            )
             if progress is not None:
                 progress(min(i + batch_size, len(all_prompts)), len(all_prompts))
         x = torch.cat(out)
@@ -178,7 +200,7 @@ class DemoModel:
             x = sched.step(e, t, x).prev_sample
         return x
 
-    def to(self, device) -> "DemoModel":
+    def to(self, device) -> DemoModel:
         self.device = torch.device(device)
         self.unet.to(self.device)
         if self._text is not None:
@@ -188,8 +210,9 @@ class DemoModel:
         return self
 
 
-def save_demo_model(unet, info: dict, sampler: SamplerSettings, directory: Path = WEIGHTS_DIR,
-                    dtype: torch.dtype = torch.float16) -> None:
+def save_demo_model(
+    unet, info: dict, sampler: SamplerSettings, directory: Path = WEIGHTS_DIR, dtype: torch.dtype = torch.float16
+) -> None:
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -197,8 +220,9 @@ def save_demo_model(unet, info: dict, sampler: SamplerSettings, directory: Path 
     state = {k: v.detach().to(dtype).contiguous() for k, v in unet.state_dict().items()}
     save_file(state, str(directory / UNET_FILE), metadata={"format": "pt", "dtype": str(dtype)})
     config = {
-        "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in dict(unet.config).items()
-                 if not k.startswith("_")},
+        "unet": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dict(unet.config).items() if not k.startswith("_")
+        },
         "scheduler": default_scheduler_config(),
         "sampler": sampler.__dict__,
         "info": info,
@@ -206,8 +230,9 @@ def save_demo_model(unet, info: dict, sampler: SamplerSettings, directory: Path 
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_demo_model(device: str | torch.device = "cpu", directory: str | Path | None = None,
-                    dtype: torch.dtype = torch.float32) -> DemoModel:
+def load_demo_model(
+    device: str | torch.device = "cpu", directory: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> DemoModel:
     """The shipped demo model (or one saved by ``save_demo_model`` in ``directory``); never touches the network."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import load_file
@@ -224,11 +249,9 @@ def load_demo_model(device: str | torch.device = "cpu", directory: str | Path | 
     unet = UNet2DConditionModel.from_config(unet_cfg)
     state = load_file(str(w_path))
     unet.load_state_dict({k: v.to(dtype) for k, v in state.items()})
-    unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    unet.to(device).eval().requires_grad_(False)
+    if dtype != torch.float32:
+        unet.to(dtype)
     scheduler = DDPMScheduler.from_config(config["scheduler"])
     sampler = SamplerSettings(**config.get("sampler", {}))
     return DemoModel(unet, scheduler, sampler, config.get("info", {}), device)
-
-
-def clone_unet(unet):
-    return copy.deepcopy(unet)

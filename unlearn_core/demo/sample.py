@@ -36,8 +36,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
     """Register ``sample`` on an argparse subparsers object; the handler is ``args.func(args)``."""
-    p = subparsers.add_parser("sample", help="generate images from the demo model",
-                              description="Generate images from the demo model; writes PNGs and samples.npy.")
+    p = subparsers.add_parser(
+        "sample",
+        help="generate images from the demo model",
+        description="Generate images from the demo model; writes PNGs and samples.npy.",
+    )
     _add_arguments(p)
     p.set_defaults(func=run_sample)
     return p
