@@ -44,7 +44,7 @@ def test_encode_masks_padding_and_empty_prompt_is_two_tokens(offline_model_and_j
     hidden, mask = model.encode(["", "a handwritten digit three"])
     assert hidden.shape == (2, mask.shape[1], 384)
     assert mask[0].sum() == 2  # [CLS] [SEP]
-    assert mask[1].sum() == 6
+    assert mask[1].sum() == 7  # [CLS] a hand ##written digit three [SEP]
     assert torch.all(hidden[0, 2:] == 0)
 
 

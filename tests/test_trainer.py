@@ -149,3 +149,23 @@ def test_bad_config_is_refused():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="dual_estimate"):
         TrainConfig(dual_estimate="psychic")
+
+
+def test_several_wordings_share_one_constraint_and_one_lambda(base):
+    torch.manual_seed(0)
+    den = toy_denoiser(base)
+    prob = Problem("ru", concepts=[ConceptSpec(["q", "concept"], "p0")], threshold=1.0)
+    trainer = Trainer(den, prob, TrainConfig(**TINY))
+    res = trainer.run()
+    assert len(trainer.terms) == 2 and {t["ci"] for t in trainer.terms} == {0}
+    assert len(res.lambdas) == 1 and len(res.final_estimates) == 1
+    # both wordings name the same toy prompt, so the shared calibration equals a single wording's
+    torch.manual_seed(0)
+    single = Trainer(toy_denoiser(base), Problem("ru", concepts=[ConceptSpec("q", "p0")], threshold=1.0),
+                     TrainConfig(**TINY))
+    assert trainer.calibration[0] == pytest.approx(single.calibrate()[0], rel=0.3)
+
+
+def test_an_empty_wording_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        Problem("ru", concepts=[ConceptSpec(["three", ""])])

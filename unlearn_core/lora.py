@@ -178,7 +178,7 @@ class UNetLayout:
             down.append(any(d > 0 for d in depth[i:i + layers[lv]]))
             i += layers[lv]
         # output blocks are stored deepest-first in transformer_depth_output's reversed order
-        for lv, n in enumerate(reversed(layers)):
+        for _lv, n in enumerate(reversed(layers)):
             up.append(any(d > 0 for d in list(reversed(depth_out))[o:o + n + 1]))
             o += n + 1
         mid = unet_config.get("transformer_depth_middle")

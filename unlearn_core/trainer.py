@@ -41,10 +41,17 @@ class Cancelled(RuntimeError):
 class ConceptSpec:
     """One concept to forget. Prompts are whatever the denoiser's ``encode`` accepts.
 
-    ``edit`` is the prompt whose output changes (default: the concept itself, as in ESD); ``anchor`` the prompt
-    whose distribution p0 to stay close to (default ""); ``reference`` the base of LU's likelihood ratio
-    (default: the anchor).
+    ``concept`` may be a list of wordings of one concept ("three", "the number 3", …): they share one constraint
+    and one λ, each wording is edited on its own trajectories, and the constraint is their average — training
+    on several wordings is what makes erasure carry over to paraphrases.
+    ``edit`` is the prompt whose output changes (default: each wording itself, as in ESD; set it to erase an
+    attribute *from* a broader prompt); ``anchor`` the prompt whose distribution p0 to stay close to (default "");
+    ``reference`` the base of LU's likelihood ratio (default: the anchor).
     """
+
+    @property
+    def wordings(self) -> list:
+        return list(self.concept) if isinstance(self.concept, (list, tuple)) else [self.concept]
 
     concept: Any
     anchor: Any = ""
@@ -92,10 +99,13 @@ class Problem:
             if not self.concepts:
                 raise ValueError(f"method {self.method!r} unlearns concepts: give at least one concept")
             for c in self.concepts:
-                if isinstance(c.concept, str) and not c.concept.strip():
-                    raise ValueError("a concept prompt is empty; give the text of what to unlearn")
-                if c.concept == c.anchor:
-                    raise ValueError(f"concept {c.concept!r} equals its anchor: nothing to move away from")
+                if not c.wordings:
+                    raise ValueError("a concept has no wordings; give the text of what to unlearn")
+                for w in c.wordings:
+                    if isinstance(w, str) and not w.strip():
+                        raise ValueError("a concept prompt is empty; give the text of what to unlearn")
+                    if w == c.anchor:
+                        raise ValueError(f"concept {w!r} equals its anchor: nothing to move away from")
         else:
             if self.data is None:
                 raise ValueError(f"method {self.method!r} unlearns data: give forget (and retain) samples")
@@ -160,20 +170,31 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 20
     keep_weight: float = 1.0
+    keep_batch: int | None = None  # samples per kept prompt and step (None: ``batch``); many kept prompts → small
+    keep_rollouts: int | None = None  # trajectories per kept prompt and refresh (None: ``rollouts``)
     # Primal–dual iterates converge on average, not pointwise: λ keeps oscillating around λ* by the controller's
     # ripple. For the last ``polish_fraction`` of the steps each λ is frozen at its mean over the preceding
     # ``polish_fraction`` of the run, so the adapter converges to p_λ̄ (the reported λ).
     polish_fraction: float = 0.2
+    lr_final_ratio: float = 1.0  # < 1: cosine decay of the primal learning rate to lr × this at the last step
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "dual_every", "rollouts", "refresh_every", "estimate_samples"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("keep_batch", "keep_rollouts"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {v!r}")
         if not (self.lr > 0 and self.dual_lr > 0):
             raise ValueError("learning rates must be > 0")
         if self.dual_estimate not in ("network", "target"):
             raise ValueError(f"dual_estimate must be 'network' or 'target', got {self.dual_estimate!r}")
+        if not (0.0 <= self.polish_fraction < 0.5):
+            raise ValueError(f"polish_fraction must be in [0, 0.5), got {self.polish_fraction!r}")
+        if not (0.0 < self.lr_final_ratio <= 1.0):
+            raise ValueError(f"lr_final_ratio must be in (0, 1], got {self.lr_final_ratio!r}")
 
 
 @dataclass
@@ -243,12 +264,13 @@ class Trainer:
     def _encode_all(self) -> None:
         enc = self.d.encode
         if self.spec.kind == "concept":
-            self.terms = []
-            for c in self.p.concepts:
-                edit = c.concept if c.edit is None else c.edit
+            self.terms = []  # one per wording; "ci" is the index of the concept's constraint
+            for ci, c in enumerate(self.p.concepts):
                 ref = c.anchor if c.reference is None else c.reference
-                self.terms.append({"edit": enc([edit]), "anchor": enc([c.anchor]), "concept": enc([c.concept]),
-                                   "ref": enc([ref]), "buf": _Buffer(), "name": str(c.concept)})
+                for w in c.wordings:
+                    edit = w if c.edit is None else c.edit
+                    self.terms.append({"edit": enc([edit]), "anchor": enc([c.anchor]), "concept": enc([w]),
+                                       "ref": enc([ref]), "buf": _Buffer(), "name": str(c.wordings[0]), "ci": ci})
             self.keep_terms = [{"cond": enc([k]), "buf": _Buffer(), "name": str(k)} for k in self.p.keep]
             self.null = enc([self.cfg.null_prompt]) if self.cfg.guidance != 1.0 else None
         else:
@@ -288,6 +310,7 @@ class Trainer:
         n = self.cfg.estimate_samples
         self.calibration, self.separation = [], []
         if self.spec.kind == "concept":
+            per_term_cal, per_term_sep = [], []
             for term in self.terms:
                 states, ts, w = self._rollout(term["anchor"], max(n // 4, self.cfg.rollouts), adapted=False)
                 buf = _Buffer()
@@ -299,13 +322,15 @@ class Trainer:
                     keep = t[chunk] >= self.cfg.kl_t_min
                     sep += float(path_kl_terms(e_a[keep], e_q[keep], c[chunk][keep]).sum())
                 sep /= states.shape[1]
-                self.separation.append(sep)
+                per_term_sep.append(sep)
                 if self.spec.constraint == "path_kl":
-                    self.calibration.append(sep)  # λ = 0 gives p = p(anchor)
+                    per_term_cal.append(sep)  # λ = 0 gives p = p(anchor)
                 else:
                     r = log_ratio(self.d, buf.final[:n], term["concept"], term["ref"], adapted=False,
                                   draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min, seed=self.cfg.seed)
-                    self.calibration.append(float(r.mean()))
+                    per_term_cal.append(float(r.mean()))
+            self.calibration = self._per_constraint(per_term_cal)
+            self.separation = self._per_constraint(per_term_sep)
         else:
             f = self.p.data.forget
             base = nelbo(self.d, f, self.data_cond, adapted=False, draws=self.cfg.estimate_draws,
@@ -315,6 +340,14 @@ class Trainer:
             self._forget_base_nelbo = base
         self._emit({"type": "calibration", "calibration": self.calibration, "separation": self.separation})
         return self.calibration
+
+    def _per_constraint(self, per_term: list[float]) -> list[float]:
+        """Average per-wording values into one value per concept constraint."""
+        out = []
+        for ci in range(len(self.p.concepts)):
+            vals = [v for v, term in zip(per_term, self.terms) if term["ci"] == ci]
+            out.append(sum(vals) / len(vals))
+        return out
 
     def thresholds(self) -> list[float]:
         out = []
@@ -342,7 +375,7 @@ class Trainer:
                 scale = max(abs(b - self.calibration[i]), abs(b) * 1e-3, 1e-8)
             dual = DualVariable(value=lam0, lr=self.cfg.dual_lr, hi=self.p.lam_hi, frozen=frozen is not None,
                                 smoothing=self.cfg.dual_smoothing, scale=scale)
-            name = self.terms[i]["name"] if self.spec.kind == "concept" else "forget"
+            name = str(self.p.concepts[i].wordings[0]) if self.spec.kind == "concept" else "forget"
             self.constraints.append(Constraint(name, self.spec.sense, b, dual))
         self.keep_constraints = []
         if self.spec.kind == "concept":
@@ -356,13 +389,16 @@ class Trainer:
     def _concept_loss(self, step: int, stats: dict) -> torch.Tensor:
         cfg = self.cfg
         if step % cfg.refresh_every == 0:
-            for term in self.terms + self.keep_terms:
-                cond = term.get("edit", term.get("cond"))
-                term["buf"].fill(*self._rollout(cond, cfg.rollouts, adapted=True))
+            for term in self.terms:
+                term["buf"].fill(*self._rollout(term["edit"], cfg.rollouts, adapted=True))
+            for term in self.keep_terms:
+                term["buf"].fill(*self._rollout(term["cond"], cfg.keep_rollouts or cfg.rollouts, adapted=True))
         losses = []
-        for i, term in enumerate(self.terms):
+        per_wording = max(cfg.batch // max(len(self.terms) // len(self.constraints), 1), 8)
+        for term in self.terms:
+            i = term["ci"]
             lam = self.constraints[i].dual.value
-            x, t, c = term["buf"].draw(cfg.batch, self.gen)
+            x, t, c = term["buf"].draw(per_wording, self.gen)
             need_ref = self.spec.objective in ("likelihood_ratio", "likelihood")
             conds = [term["anchor"], term["concept"]] + ([term["ref"]] if need_ref else [])
             eps = self._frozen(x, t, conds)
@@ -381,12 +417,12 @@ class Trainer:
                     est = self._path_kl(term["buf"], target, e_q, t, c)
                 else:
                     est = self._path_kl(term["buf"], pred.detach(), e_q, t, c)
-                stats.setdefault("est", [[] for _ in self.terms])[i].append(est)
+                stats.setdefault("est", [[] for _ in self.constraints])[i].append(est)
                 if cfg.dual_estimate == "target":
-                    stats.setdefault("net_est", [[] for _ in self.terms])[i].append(
+                    stats.setdefault("net_est", [[] for _ in self.constraints])[i].append(
                         self._path_kl(term["buf"], pred.detach(), e_q, t, c))
         for j, term in enumerate(self.keep_terms):
-            x, t, c = term["buf"].draw(cfg.batch, self.gen)
+            x, t, c = term["buf"].draw(cfg.keep_batch or cfg.batch, self.gen)
             (e0,) = self._frozen(x, t, [term["cond"]])
             pred = self.d.predict(x, t, term["cond"], adapted=True)
             mu = self.keep_constraints[j].dual.value
@@ -454,7 +490,9 @@ class Trainer:
         out = []
         if self.spec.kind == "concept":
             for term in self.terms:
-                states, ts, w = self._rollout(term["edit"], n, adapted=True)
+                states, ts, w = self._rollout(term["edit"], max(n // (len(self.terms) // len(self.constraints)), 8),
+                                              adapted=True)
+                n_term = states.shape[1]
                 if self.spec.constraint == "path_kl":
                     buf = _Buffer()
                     buf.fill(states, ts, w)
@@ -465,11 +503,12 @@ class Trainer:
                         (e_q,) = self._frozen(x, t, [term["concept"]])
                         keep = t >= self.cfg.kl_t_min
                         tot += float(path_kl_terms(p[keep], e_q[keep], c[keep]).sum())
-                    out.append(tot / n)
+                    out.append(tot / n_term)
                 else:
                     r = log_ratio(self.d, states[-1], term["concept"], term["ref"], adapted=False,
                                   draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min, seed=self.cfg.seed + 1)
                     out.append(float(r.mean()))
+            out = self._per_constraint(out)
         else:
             f = self.p.data.forget
             g1, g2 = (torch.Generator().manual_seed(self.cfg.seed + 7) for _ in range(2))
@@ -499,6 +538,10 @@ class Trainer:
             if self.should_stop():
                 cancelled = True
                 break
+            if cfg.lr_final_ratio < 1.0:
+                frac = 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps - 1, 1)))
+                for group in self.opt.param_groups:
+                    group["lr"] = cfg.lr * (cfg.lr_final_ratio + (1 - cfg.lr_final_ratio) * frac)
             self.opt.zero_grad(set_to_none=True)
             loss = self._concept_loss(step, stats) if self.spec.kind == "concept" else self._data_loss(step, stats)
             ok = bool(torch.isfinite(loss))
@@ -558,13 +601,13 @@ class Trainer:
     def _dual_update(self, stats: dict, rec: dict) -> None:
         if self.spec.constraint == "log_ratio":
             # E_p[r] on the current model's own samples (the final states of the latest rollouts).
-            est = []
+            per_term = []
             for term in self.terms:
                 x0 = term["buf"].final
                 r = log_ratio(self.d, x0, term["concept"], term["ref"], adapted=False, draws=1,
                               t_min=self.cfg.kl_t_min, seed=int(torch.randint(2**31, (1,), generator=self.gen)))
-                est.append([float(r.mean())])
-            stats["est"] = est
+                per_term.append(float(r.mean()))
+            stats["est"] = [[v] for v in self._per_constraint(per_term)]
         ests = [sum(v) / len(v) for v in stats.get("est", [])]
         rec["lambda"] = [c.update(e) for c, e in zip(self.constraints, ests)]
         rec["estimate"] = ests

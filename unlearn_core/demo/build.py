@@ -4,8 +4,9 @@ Deterministic for a given seed on one thread (the default). Steps:
 1. train the judge on the held-out real images, score it on the diffusion images it never saw;
 2. train the UNet (ε-prediction, min-SNR-γ weighted loss, caption dropout for CFG, EMA) on the diffusion split,
    with every caption of every training template precomputed once by the frozen MiniLM;
-3. every ``--eval-every`` steps, sample 10 images per digit from the EMA weights and let the judge score them,
-   plus a "text-dependence" probe (how much worse ε gets when the caption is swapped, per noise level);
+3. every ``--eval-every`` steps, sample ``--eval-n`` images per digit from the EMA weights and let the judge
+   score them (``--eval-cfg1``, ``--eval-proto`` and ``--eval-probe`` add the diagnostics of MODEL_CARD.md: no
+   guidance, the prototype's clipped sampler, and how much ε relies on the caption at each noise level);
 4. save the EMA weights of the best-scoring evaluation (fp16 safetensors) and a build log.
 """
 

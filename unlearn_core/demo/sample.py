@@ -26,7 +26,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder for PNGs and samples.npy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, 3)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's, 20)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's, 15)")
     p.add_argument("--lora", type=Path, default=None, help="LoRA file to apply to the UNet")
     p.add_argument("--strength", type=float, default=1.0, help="LoRA strength (default 1)")
     p.add_argument("--weights", type=Path, default=None, help="model folder (default: the shipped demo model)")
@@ -47,15 +47,12 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def _apply_lora(unet, path: Path, strength: float) -> None:
-    try:
-        from unlearn_core.lora import apply_lora_file
-    except ImportError:
-        apply_lora_file = None
-    if apply_lora_file is None:
-        raise SystemExit("--lora is not available yet: unlearn_core.lora.apply_lora_file is missing in this build")
+    """Merge an unlearning LoRA into the demo UNet at ``strength`` (refuses files for another model clearly)."""
+    from unlearn_core.lora import apply_lora
+
     if not path.exists():
-        raise SystemExit(f"LoRA file not found: {path}")
-    apply_lora_file(unet, path, strength)
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    apply_lora(unet, path, strength)
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -65,7 +62,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     if args.n < 1:
-        raise SystemExit("-n must be at least 1")
+        raise ValueError(f"-n must be at least 1, got {args.n}")
     model = load_demo_model(directory=args.weights)
     if args.lora is not None:
         _apply_lora(model.unet, args.lora, args.strength)
