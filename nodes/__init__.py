@@ -1,15 +1,16 @@
 """ComfyUI node classes — the only code in the project that imports ``comfy``.
 
-The node pack is built in a later issue (#6); until then the extension registers no nodes, so that linking the
-package into ``custom_nodes`` is harmless.
+Registered through ComfyUI's V3 API (``ComfyExtension`` + ``comfy_entrypoint``); see ``NODES.md``.
 """
 
 from comfy_api.latest import ComfyExtension, io
 
+from .unlearn_nodes import NODES
+
 
 class UnlearnExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        return list(NODES)
 
 
 async def comfy_entrypoint() -> UnlearnExtension:

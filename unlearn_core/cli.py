@@ -28,19 +28,18 @@ def _threads(n: int) -> None:
 def _cmd_toy(args: argparse.Namespace) -> int:
     from . import toy
 
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.threshold is not None and not args.threshold > 0:
         raise UsageError(f"--threshold must be > 0, got {args.threshold}")
-    last = {"step": -1}
 
     def progress(ev: dict) -> None:
-        if ev["type"] == "dual" and not args.json and (ev["step"] + 1) % max(args.steps // 10, args.dual_print) == 0:
+        if ev["type"] == "dual" and not args.json and (ev["step"] + 1) % args.dual_print == 0:
             lam = ", ".join(f"{x:.4f}" for x in ev["lambda"])
             est = ", ".join(f"{x:.3f}" for x in ev["estimate"])
-            print(f"step {ev['step'] + 1:5d}/{args.steps}  loss {ev['loss']:.5f}  λ [{lam}]  constraint [{est}]",
+            slack = ", ".join(f"{x:+.3f}" for x in ev["slack"])
+            print(f"step {ev['step'] + 1:5d}  loss {ev['loss']:.5f}  λ [{lam}]  constraint [{est}]  slack [{slack}]",
                   flush=True)
-            last["step"] = ev["step"]
 
     try:
         out = toy.run_toy(args.method, args.threshold, seed=args.seed, steps=args.steps,
@@ -71,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(RU/ESD: path KL(p||q) nats; FU: forget-set KL nats; LU: decrease of E[log q/p0])")
     toy.add_argument("--weight", type=float, default=None, help="fixed weight for baselines (ESD eta, NegGrad w, SISS λ)")
     toy.add_argument("--lam-max", type=float, default=None, help="upper bound of λ")
-    toy.add_argument("--steps", type=int, default=2000)
+    toy.add_argument("--steps", type=int, default=None, help="primal steps (default 1200 for concepts, 3000 for data)")
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--no-oracle", action="store_true", help="skip the λ* bisection (saves ~1 min)")
     toy.add_argument("--json", action="store_true", help="print only the JSON result line")

@@ -321,7 +321,10 @@ def toy_config(method: str, seed: int, steps: int) -> TrainConfig:
                        rollouts=256, refresh_every=20, kl_t_min=0, estimate_samples=1024, seed=seed)
 
 
-def run_toy(method: str = "ru", threshold: float | None = None, seed: int = 0, steps: int = 2000,
+DEFAULT_STEPS = {"concept": 1200, "data": 3000}
+
+
+def run_toy(method: str = "ru", threshold: float | None = None, seed: int = 0, steps: int | None = None,
             fixed_weight: float | None = None, lam_max: float | None = None, oracle: bool = True,
             eval_samples: int = 20000, callbacks=()) -> dict:
     """Train the base model (cached), unlearn with ``method``, and measure the result against the oracle.
@@ -329,6 +332,10 @@ def run_toy(method: str = "ru", threshold: float | None = None, seed: int = 0, s
     ``threshold`` is an increase over the frozen model in the estimator's units (see ``Problem``).
     """
     t_start = time.perf_counter()
+    if method not in DEFAULT_THRESHOLDS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(DEFAULT_THRESHOLDS)}")
+    if steps is None:
+        steps = DEFAULT_STEPS["data" if method in ("fu", "neggrad", "siss") else "concept"]
     threshold = DEFAULT_THRESHOLDS[method] if threshold is None else threshold
     if fixed_weight is None and method in DEFAULT_WEIGHTS:
         fixed_weight = DEFAULT_WEIGHTS[method]
