@@ -1,0 +1,110 @@
+"""Acceptance numbers of the main job (issue 5): run ``unlearn`` with its defaults on the demo model for each
+digit (and a two-digit multi-concept case), then judge ≥ 50 samples per prompt with fixed seeds, the same
+protocol before and after.
+
+    python benchmarks/acceptance_cli.py                       # digits 3 and 7, multi-concept 3+7
+    python benchmarks/acceptance_cli.py --digits 0,1,2,3,4,5,6,7,8,9 --multi 1+8
+
+Prints one table row per case and ends with one JSON line. Bars: erased prompt ≤ 5 % judged as the digit;
+held-out paraphrases ≤ 15 % on average and none above 25 %; mean accuracy on the other digits drops ≤ 5 points;
+achieved constraint within 15 % of requested; every λ settled (last quarter inside its bounds, range ≤ 0.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from unlearn_core import cli  # noqa: E402
+from unlearn_core.demo import DIGIT_WORDS, load_demo_model, load_judge  # noqa: E402
+from unlearn_core.evaluate import compare  # noqa: E402
+
+BARS = {"erased_max": 0.05, "paraphrase_mean": 0.15, "paraphrase_max": 0.25, "retention_drop_points": 5.0,
+        "achieved_rel_err": 0.15}
+
+
+def run_case(digits: list[int], out: Path, n: int, seed: int, model, judge, base_cache: dict, extra: list[str]) -> dict:
+    argv = ["unlearn"]
+    for k in digits:
+        argv += ["--concept", DIGIT_WORDS[k]]
+    argv += ["--out", str(out), "--overwrite", "--eval-samples", "0", "--quiet", "--seed", str(seed), *extra]
+    t0 = time.perf_counter()
+    rc = cli.main(argv)
+    job_seconds = time.perf_counter() - t0
+    if rc != 0:
+        return {"digits": digits, "error": f"unlearn exited with {rc}"}
+    m = json.loads((out / "metrics.json").read_text())
+    lora = Path(m["lora"])
+    _, _, ev = compare(model, judge, lora, digits, n=n, seed=1000 + seed, base_cache=base_cache)
+    rel = [abs(c["achieved"] / c["requested"] - 1) for c in m["constraints"]]
+    row = {
+        "digits": digits, "job_seconds": round(job_seconds, 1), "train_seconds": m["train_seconds"],
+        "erased_rates": [e["rate_after"] for e in ev["erased"]], "erased_max": ev["erased_rate_max"],
+        "paraphrase_mean": ev["paraphrase_leak_mean"], "paraphrase_max": ev["paraphrase_leak_max"],
+        "retention_before": ev["retention_before"], "retention_after": ev["retention_after"],
+        "retention_drop_points": ev["retention_drop_points"],
+        "worst_kept_digit_drop_points": ev["retention_worst_drop_points"], "kid_retained": ev["kid_retained"],
+        "requested": [c["requested"] for c in m["constraints"]], "achieved": [c["achieved"] for c in m["constraints"]],
+        "achieved_rel_err": max(rel), "lambda": [c["lambda"] for c in m["constraints"]],
+        "settled": m["settled"]["ok"], "lambda_ranges_last_quarter": m["settled"]["ranges"],
+        "per_digit_after": {e["digit"]: e["acc_after"] for e in ev["retained"]},
+    }
+    row["pass"] = {
+        "erased": row["erased_max"] <= BARS["erased_max"],
+        "paraphrase_mean": row["paraphrase_mean"] <= BARS["paraphrase_mean"],
+        "paraphrase_max": row["paraphrase_max"] <= BARS["paraphrase_max"],
+        "retention": row["retention_drop_points"] <= BARS["retention_drop_points"],
+        "achieved": row["achieved_rel_err"] <= BARS["achieved_rel_err"],
+        "settled": bool(row["settled"]),
+    }
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--digits", default="3,7", help="single-digit cases, comma separated")
+    p.add_argument("--multi", default="3+7", help="multi-concept cases, e.g. 3+7,1+8 ('' for none)")
+    p.add_argument("-n", type=int, default=50, help="samples per prompt (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "acceptance")
+    p.add_argument("--extra", default="", help="extra arguments for every `unlearn` run, e.g. '--steps 200'")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    cases = [[int(d)] for d in args.digits.split(",") if d.strip()]
+    cases += [[int(d) for d in c.split("+")] for c in args.multi.split(",") if c.strip()]
+    model, judge = load_demo_model(), load_judge()
+    base_cache: dict = {}
+    rows = []
+    head = (f"{'erased':>8} {'job s':>6} {'erased%':>8} {'para mean':>9} {'para max':>8} {'ret drop':>8} "
+            f"{'worst':>6} {'KID':>7} {'ach/req':>8} {'λ':>14} settled  pass")
+    print(head, flush=True)
+    for case in cases:
+        out = args.out / "+".join(DIGIT_WORDS[k] for k in case)
+        r = run_case(case, out, args.n, args.seed, model, judge, base_cache, args.extra.split())
+        rows.append(r)
+        if "error" in r:
+            print(f"{'+'.join(map(str, case)):>8} {r['error']}", flush=True)
+            continue
+        ratio = ",".join(f"{a / q:.2f}" for a, q in zip(r["achieved"], r["requested"]))
+        lam = ",".join(f"{x:.3f}" for x in r["lambda"])
+        print(f"{'+'.join(map(str, case)):>8} {r['job_seconds']:6.0f} {100 * r['erased_max']:7.1f}% "
+              f"{100 * r['paraphrase_mean']:8.1f}% {100 * r['paraphrase_max']:7.1f}% "
+              f"{r['retention_drop_points']:8.1f} {r['worst_kept_digit_drop_points']:6.1f} {r['kid_retained']:7.4f} "
+              f"{ratio:>8} {lam:>14} {str(r['settled']):>7}  "
+              f"{'PASS' if all(r['pass'].values()) else 'FAIL ' + ','.join(k for k, v in r['pass'].items() if not v)}",
+              flush=True)
+    ok = all("error" not in r and all(r["pass"].values()) for r in rows)
+    print(json.dumps({"bars": BARS, "n_per_prompt": args.n, "cases": rows, "all_pass": ok}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

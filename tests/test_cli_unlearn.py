@@ -1,0 +1,159 @@
+"""``unlearn`` / ``evaluate`` end to end on the demo model, with a tiny configuration (a few steps, 2 samples).
+
+These check the plumbing (files, metadata, exit codes, Ctrl-C, no clobbering); the erasure numbers come from
+``benchmarks/acceptance_cli.py``.
+"""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from unlearn_core import cli, unlearn
+from unlearn_core.lora import load_lora
+
+
+@pytest.fixture(autouse=True)
+def tiny(monkeypatch):
+    monkeypatch.setitem(unlearn.DEFAULTS, "batch", 8)
+    monkeypatch.setitem(unlearn.DEFAULTS, "keep_batch", 2)
+    monkeypatch.setitem(unlearn.DEFAULTS, "rollouts", 1)
+    monkeypatch.setitem(unlearn.DEFAULTS, "keep_rollouts", 1)
+    monkeypatch.setitem(unlearn.DEFAULTS, "rollout_jumps", 3)
+    monkeypatch.setitem(unlearn.DEFAULTS, "estimate_samples", 8)
+    monkeypatch.setitem(unlearn.DEFAULTS, "fu_retain_samples", 8)
+
+
+TINY = ["--steps", "4", "--eval-samples", "2", "--quiet", "--exact-wording", "--keep", "a handwritten digit seven"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("unlearn") / "three"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"batch": 8, "keep_batch": 2, "rollouts": 1, "keep_rollouts": 1, "rollout_jumps": 3,
+                     "estimate_samples": 8}.items():
+            mp.setitem(unlearn.DEFAULTS, k, v)
+        rc = cli.main(["unlearn", "--concept", "three", "--out", str(out), *TINY])
+    assert rc == 0
+    return out
+
+
+def test_unlearn_writes_lora_metrics_and_report(run_dir):
+    lora = run_dir / "ru-three.safetensors"
+    assert lora.is_file() and (run_dir / "metrics.json").is_file() and (run_dir / "report.html").is_file()
+    html = (run_dir / "report.html").read_text()
+    for png in ("training.png", "constraints.png", "samples_erased_before.png", "samples_paraphrase_after.png",
+                "samples_retained_after.png"):
+        assert (run_dir / png).stat().st_size > 1000
+        assert png in html
+    assert not list(run_dir.glob(".*.tmp")) and not list(run_dir.glob("*.partial.safetensors"))
+
+
+def test_lora_metadata_names_method_concept_and_constraint(run_dir):
+    md = load_lora(run_dir / "ru-three.safetensors").metadata
+    assert md["unlearn.method"] == "ru"
+    assert json.loads(md["unlearn.concepts"]) == ["three"]
+    (c,) = json.loads(md["unlearn.constraints"])
+    assert c["requested"] > 0 and c["achieved"] > 0 and 0 <= c["lambda"] <= unlearn.DEFAULTS["lam_max"]
+    assert md["ss_network_dim"] == "4" and md["unlearn.base_model_hash"].startswith("sha256:")
+
+
+def test_metrics_json_has_requested_achieved_and_judge_metrics(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    (c,) = m["constraints"]
+    assert c["requested"] == pytest.approx(unlearn.DEFAULTS["threshold"] * c["separation"], rel=1e-6)
+    ev = m["evaluation"]
+    assert 0 <= ev["forget_rate"] <= 1 and len(ev["paraphrases"]) == 4 and len(ev["retained"]) == 9
+    assert m["keep"][0] == "" and "a handwritten digit seven" in m["keep"]
+
+
+def test_evaluate_reads_concept_from_lora_metadata(run_dir, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    rc = cli.main(["evaluate", "--lora", str(run_dir / "ru-three.safetensors"), "-n", "2", "--json", "--out", str(out)])
+    assert rc == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m["concepts"] == ["three"] and [e["digit"] for e in m["erased"]] == [3]
+    assert json.loads(out.read_text())["kid_retained"] == pytest.approx(m["kid_retained"])
+
+
+def test_existing_output_is_not_overwritten(run_dir, capsys):
+    before = (run_dir / "ru-three.safetensors").read_bytes()
+    rc = cli.main(["unlearn", "--concept", "three", "--out", str(run_dir), *TINY])
+    assert rc == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run_dir / "ru-three.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concept", ""], "empty"),
+    (["--concept", "three", "--anchor", "three"], "equals the anchor"),
+    (["--forget", "{tmp}/missing"], "does not exist"),
+    (["--forget", "{tmp}/empty"], "holds no images"),
+    (["--forget", "{tmp}/bad"], "cannot read image"),
+    (["--concept", "three", "--method", "fu"], "unlearns data"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    rc = cli.main(["unlearn", *[a.format(tmp=tmp_path) for a in argv], "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_non_writable_output_folder_is_exit_code_2(tmp_path, capsys):
+    if os.geteuid() == 0:
+        target = "/proc/unlearn-out"  # root can write anywhere a chmod would forbid; /proc refuses everyone
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = str(ro / "out")
+    rc = cli.main(["unlearn", "--concept", "three", "--out", target, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "output folder" in err[0]
+
+
+def test_ctrl_c_keeps_last_good_lora_as_partial(tmp_path):
+    out = tmp_path / "cancel"
+
+    def interrupt_at_step_2(ev):
+        if ev["type"] == "step" and ev["step"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    args = cli.build_parser().parse_args(["unlearn", "--concept", "three", "--out", str(out), *TINY,
+                                          "--steps", "50"])
+    job = unlearn.job_from_args(args)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn.run_job(job, quiet=True, callbacks=[interrupt_at_step_2])
+    partial = out / "ru-three.partial.safetensors"
+    lora = load_lora(partial)
+    assert json.loads(lora.metadata["unlearn.cancelled"]) is True
+    assert int(lora.metadata["unlearn.steps"]) < 50
+    assert not (out / "ru-three.safetensors").exists() and not (out / "metrics.json").exists()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_forget_images_fu_end_to_end(tmp_path):
+    from PIL import Image
+
+    from unlearn_core.demo.data import load_demo_data
+
+    data = load_demo_data("diffusion", styles=("plain",))
+    forget = tmp_path / "forget"
+    forget.mkdir()
+    for i, idx in enumerate((data.digits == 3).nonzero().flatten()[:1].tolist()):
+        Image.fromarray((data.images[idx].numpy() * 255).astype("uint8"), mode="L").save(forget / f"{i}.png")
+    out = tmp_path / "fu"
+    rc = cli.main(["unlearn", "--forget", str(forget), "--caption", "a handwritten digit three", "--out", str(out),
+                   "--steps", "3", "--eval-samples", "2", "--quiet"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "fu" and m["constraints"][0]["name"] == "forget"
+    assert m["evaluation"]["digit"] == 3
+    assert torch.isfinite(torch.tensor(m["constraints"][0]["achieved"]))

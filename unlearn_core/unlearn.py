@@ -1,0 +1,612 @@
+"""``unlearn`` subcommand: the main job. Unlearn a concept (RU/LU/ESD) or data (FU/NegGrad/SISS) from a model,
+write a kohya LoRA, ``metrics.json`` and ``report.html``.
+
+    python -m unlearn_core unlearn --concept three --out runs/three
+
+Defaults (demo model) — each from a measurement, see ``benchmarks/acceptance_cli.py``:
+- the concept is trained under several wordings (on the demo, the model's own caption templates for that digit)
+  that share one λ, so the erasure carries over to paraphrases it never saw;
+- a retention constraint keeps the unconditional branch "" (which classifier-free guidance uses for *every*
+  prompt) and the other classes' prompts within ρ of the base model, each with its own dual variable μ: a
+  forget constraint alone does not bound collateral damage;
+- the threshold is a multiple of the calibrated anchor–concept separation; the dual step is taken at the
+  closed-form target for the current λ (no controller lag), and λ is frozen at its recent mean for the last
+  fifth of the steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .methods import METHODS
+
+__all__ = ["add_subcommand", "UnlearnJob", "DEFAULTS", "run_job"]
+
+log = logging.getLogger(__name__)
+
+CONCEPT_METHODS = ("ru", "lu", "esd")
+DEMO_WORDING_TEMPLATES = (0, 1, 2, 4)
+DATA_METHODS = ("fu", "neggrad", "siss")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+#: Defaults of the demo-model job (CPU, minutes). ``threshold`` is a multiple of the calibrated separation.
+DEFAULTS: dict[str, Any] = {
+    "threshold": 4.0,
+    "steps": 100,
+    "rank": 4,
+    "targets": "xattn",
+    "lr": 3e-3,
+    "batch": 32,
+    "keep_batch": 4,
+    "keep_rho": 0.05,
+    "keep_weight": 0.25,
+    "lam_max": 0.9,
+    "dual_lr": 0.05,
+    "rollouts": 4,
+    "rollout_jumps": 50,
+    "guidance": 3.0,
+    "eval_samples": 16,
+    "keep_rollouts": 1,
+    "refresh_every": 20,
+    "estimate_samples": 64,
+    # data unlearning
+    "fu_threshold": 1.0,
+    "fu_steps": 150,
+    "fu_batch": 32,
+    "fu_lam_max": 0.5,
+    "fu_retain_samples": 256,
+    "fu_estimate_draws": 1,  # the forget-set NELBO visits all 1000 timesteps per draw and image
+}
+
+
+@dataclass
+class UnlearnJob:
+    """Everything the job needs, validated: what the CLI arguments mean, without argparse."""
+
+    out: Path
+    method: str
+    concepts: list[list[str]] = field(default_factory=list)  # each: wordings sharing one λ
+    concept_names: list[str] = field(default_factory=list)
+    anchor: str = ""
+    keep: list[str] = field(default_factory=list)
+    forget: Path | None = None
+    retain: Path | None = None
+    caption: str = ""
+    threshold: float = 0.0
+    threshold_mode: str = "multiple"
+    steps: int = 100
+    rank: int = 4
+    targets: str = "xattn"
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+    model: str = "demo"
+    overwrite: bool = False
+    eval_samples: int = 16
+    weight: float | None = None
+    name: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "concept" if self.method in CONCEPT_METHODS else "data"
+
+    @property
+    def lora_path(self) -> Path:
+        return self.out / f"{self.name}.safetensors"
+
+    @property
+    def partial_path(self) -> Path:
+        return self.out / f"{self.name}.partial.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:40] or "concept"
+
+
+def _is_demo(model: str) -> bool:
+    return model in ("demo", "", None)
+
+
+def demo_wordings(text: str) -> list[str]:
+    """On the demo model a concept that names one digit is trained under the model's own caption templates for
+    that digit (plain style) — the held-out templates stay unseen, so leakage numbers remain honest."""
+    from .demo.data import TRAIN_TEMPLATES, caption
+    from .evaluate import demo_digit
+
+    k = demo_digit(text)
+    if k is None:
+        return [text]
+    # four of the six training templates (main, "the number 3", "three", "a digit 3"): words and numerals, with
+    # and without context (four keep a CPU step cheap; all six were not measured). Held-out templates stay unseen.
+    words = [caption(TRAIN_TEMPLATES[i], k) for i in DEMO_WORDING_TEMPLATES]
+    return words if text in words else [text, *words]
+
+
+def check_output_folder(out: Path, names: list[str], overwrite: bool) -> None:
+    """Create ``out`` if needed, prove it is writable, refuse to clobber existing results without --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder; choose a folder")
+    if not overwrite:
+        existing = [n for n in names if (out / n).exists()]
+        if existing:
+            raise FileExistsError(f"{out / existing[0]} already exists; choose another --out or pass --overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".unlearn-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write to the output folder {out} ({e.strerror or e}); choose a writable --out") from None
+
+
+def list_images(folder: Path, what: str) -> list[Path]:
+    if not folder.exists():
+        raise FileNotFoundError(f"{what} folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{what} must be a folder of images, got the file {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"{what} folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    from PIL import Image, UnidentifiedImageError
+
+    for f in files:  # fail before any training on a file that is not an image
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ValueError(f"cannot read image {f}: {e}") from None
+    return files
+
+
+def load_images(files: list[Path], size: int, channels: int) -> torch.Tensor:
+    """Images as model inputs ``[N, C, size, size]`` in [-1, 1]; an unreadable file is a one-line error."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if channels == 1 else "RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ValueError(f"cannot read image {f}: {e}") from None
+        t = torch.from_numpy(a)
+        t = t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1)
+        out.append(t * 2 - 1)
+    return torch.stack(out)
+
+
+def job_from_args(args: argparse.Namespace) -> UnlearnJob:
+    concepts_raw = args.concept or []
+    data = args.forget is not None
+    if concepts_raw and data:
+        raise ValueError("give either --concept (concept unlearning) or --forget (data unlearning), not both")
+    if not concepts_raw and not data:
+        raise ValueError("nothing to unlearn: give --concept TEXT (e.g. --concept three) or --forget DIR")
+    method = args.method or ("fu" if data else "ru")
+    if data and method not in DATA_METHODS:
+        raise ValueError(f"--method {method} unlearns concepts; with --forget use one of {', '.join(DATA_METHODS)}")
+    if not data and method not in CONCEPT_METHODS:
+        raise ValueError(f"--method {method} unlearns data; with --concept use one of {', '.join(CONCEPT_METHODS)}")
+    if args.erase_from is not None and args.anchor not in (None, "", args.erase_from):
+        raise ValueError("--erase-from sets the anchor; give --erase-from or --anchor, not both")
+    anchor = args.erase_from if args.erase_from is not None else (args.anchor or "")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.rank < 1:
+        raise ValueError(f"--rank must be >= 1, got {args.rank}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.eval_samples < 0:
+        raise ValueError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    demo = _is_demo(args.model)
+    job = UnlearnJob(out=Path(args.out), method=method, anchor=anchor, steps=args.steps, rank=args.rank,
+                     targets=args.targets, lr=args.lr, seed=args.seed, device=args.device, model=args.model or "demo",
+                     overwrite=args.overwrite, eval_samples=args.eval_samples, weight=args.weight,
+                     caption=args.caption or "")
+    if args.threshold is not None and args.threshold_raw is not None:
+        raise ValueError("give --threshold (a multiple of the calibrated separation) or --threshold-raw, not both")
+    if args.threshold_raw is not None:
+        job.threshold, job.threshold_mode = float(args.threshold_raw), "raw"
+    else:
+        job.threshold = float(args.threshold if args.threshold is not None else
+                              DEFAULTS["threshold" if not data else "fu_threshold"])
+        if not (math.isfinite(job.threshold) and job.threshold > 0):
+            raise ValueError(f"--threshold must be a positive multiple of the separation, got {job.threshold}")
+    if method in ("esd", "neggrad", "siss") and job.weight is None:
+        raise ValueError(f"--method {method} is a fixed-weight baseline: give --weight (ESD η, NegGrad w, SISS λ)")
+    if not data:
+        for raw in concepts_raw:
+            wordings = [w.strip() for w in raw.split("|")]
+            if not all(wordings):
+                raise ValueError(f"concept {raw!r} is empty; give the text of what to unlearn, e.g. --concept three")
+            for w in wordings:
+                if w == anchor.strip():
+                    raise ValueError(f"concept {w!r} equals the anchor; the anchor is what the concept should turn "
+                                     "into — choose a different --anchor (default \"\")")
+            if demo and len(wordings) == 1 and not args.exact_wording:
+                wordings = demo_wordings(wordings[0])
+            job.concepts.append(wordings)
+            job.concept_names.append(raw.split("|")[0].strip())
+        keep = [k for k in (args.keep or [])]
+        if any(not k.strip() for k in keep):
+            raise ValueError("--keep prompt is empty (the unconditional branch \"\" is always kept)")
+        if args.erase_from is not None and args.erase_from not in keep:
+            keep.append(args.erase_from)
+        if not keep and demo and not args.no_default_keep:
+            keep = default_demo_keep(job.concept_names)
+        if not args.no_default_keep:
+            keep = ["", *[k for k in keep if k != ""]]
+        job.keep = keep
+        job.name = f"{method}-" + "+".join(_slug(n) for n in job.concept_names)
+    else:
+        files = list_images(Path(args.forget), "--forget")
+        job.forget = Path(args.forget)
+        if args.retain is not None:
+            list_images(Path(args.retain), "--retain")
+            job.retain = Path(args.retain)
+        job._forget_files = files  # type: ignore[attr-defined]
+        job.name = f"{method}-forget-{_slug(job.forget.name)}"
+    return job
+
+
+def default_demo_keep(concept_names: list[str]) -> list[str]:
+    """The demo's retention set: the main prompt of every digit not being erased."""
+    from .demo.data import DIGIT_WORDS, MAIN_TEMPLATE, caption
+    from .evaluate import demo_digit
+
+    erased = {demo_digit(n) for n in concept_names}
+    return [caption(MAIN_TEMPLATE, k) for k in range(len(DIGIT_WORDS)) if k not in erased]
+
+
+# ------------------------------------------------------------------------------------------------ models
+def load_model(job: UnlearnJob):
+    """(model with .unet/.scheduler/.encode/.sample, judge or None) for ``job.model``."""
+    if _is_demo(job.model):
+        from .demo import load_demo_model, load_judge
+
+        return load_demo_model(device=job.device), load_judge()
+    p = Path(job.model)
+    if not p.exists():
+        raise FileNotFoundError(f"--model {p} does not exist; give a diffusers model folder, a .safetensors "
+                                "checkpoint, or leave --model out for the demo model")
+    raise ValueError(f"--model {p}: only the built-in demo model is supported by this version of the CLI; "
+                     "diffusers folders and single-file SD checkpoints are not supported yet (use the ComfyUI nodes)")
+
+
+# ------------------------------------------------------------------------------------------------ job
+class _Interrupt:
+    """First Ctrl-C asks the trainer to stop at the next step; a second one raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old = None
+
+    def __enter__(self):
+        if hasattr(signal, "SIGINT"):
+            try:
+                self._old = signal.signal(signal.SIGINT, self._handle)
+            except ValueError:  # not the main thread
+                self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nstopping after this step (Ctrl-C again to abort)…", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class _Progress:
+    """tqdm bar on stderr with live λ and constraint slack."""
+
+    def __init__(self, total: int, enabled: bool, names: list[str]) -> None:
+        self.names = names
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="unlearning", unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.last: dict = {}
+
+    def __call__(self, ev: dict) -> None:
+        if ev["type"] == "dual":
+            self.last = ev
+            if self.bar is not None:
+                lam = ",".join(f"{x:.3f}" for x in ev["lambda"])
+                slack = ",".join(f"{x:+.2f}" for x in ev["slack"])
+                post = {"λ": lam, "slack": slack}
+                if ev.get("keep_mu"):
+                    post["μmax"] = f"{max(ev['keep_mu']):.2f}"
+                self.bar.set_postfix(post, refresh=False)
+        elif ev["type"] == "step" and self.bar is not None:
+            self.bar.update(1)
+        elif ev["type"] == "calibration":
+            log.info("calibrated separation %s", ev["separation"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
+    from .trainer import ConceptSpec, DataSpec, Problem, TrainConfig
+
+    d = DEFAULTS
+    if job.kind == "concept":
+        problem = Problem(job.method, concepts=[ConceptSpec(concept=w if len(w) > 1 else w[0], anchor=job.anchor)
+                                                for w in job.concepts],
+                          keep=job.keep, keep_rho=d["keep_rho"], threshold=job.threshold,
+                          threshold_mode=job.threshold_mode, fixed_weight=job.weight,
+                          lam_max=d["lam_max"] if job.method in ("ru", "esd") else None)
+        config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["batch"], keep_batch=d["keep_batch"], dual_every=10,
+                             dual_lr=d["dual_lr"], dual_smoothing=0.5,
+                             dual_estimate="target" if job.method in ("ru", "esd") else "network",
+                             rollouts=d["rollouts"], keep_rollouts=d["keep_rollouts"], rollout_jumps=d["rollout_jumps"],
+                             refresh_every=d["refresh_every"], guidance=d["guidance"],
+                             estimate_samples=d["estimate_samples"], seed=job.seed, keep_weight=d["keep_weight"])
+        return problem, config
+    files = job._forget_files  # type: ignore[attr-defined]
+    size = model.unet.config.sample_size
+    ch = model.unet.config.in_channels
+    forget = load_images(files, size, ch)
+    if job.retain is not None:
+        retain = load_images(list_images(job.retain, "--retain"), size, ch)
+    else:
+        # samples of the pretrained model at the data prompt stand in for the retain set (p0 = the model itself)
+        imgs = model.sample(job.caption, n=d["fu_retain_samples"], seed=job.seed + 12345, guidance=1.0)
+        retain = (imgs.unsqueeze(1) * 2 - 1) if imgs.dim() == 3 else imgs * 2 - 1
+    problem = Problem(job.method, data=DataSpec(forget=forget, retain=retain, cond=job.caption),
+                      threshold=job.threshold, threshold_mode=job.threshold_mode, fixed_weight=job.weight,
+                      lam_max=d["fu_lam_max"] if job.method == "fu" else None)
+    config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["fu_batch"], dual_every=10, dual_lr=d["dual_lr"],
+                         dual_smoothing=0.5, estimate_samples=d["estimate_samples"],
+                         estimate_draws=d["fu_estimate_draws"], seed=job.seed)
+    return problem, config
+
+
+def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbacks=()) -> dict:
+    """Train, export, evaluate, report. Returns the metrics dict (also written to ``metrics.json``)."""
+    from .diffusers_denoiser import DiffusersDenoiser
+    from .lora import model_hash, unlearn_metadata
+    from .trainer import Trainer
+
+    t0 = time.perf_counter()
+    check_output_folder(job.out, [job.lora_path.name, "metrics.json", "report.html"], job.overwrite)
+    torch.manual_seed(job.seed)
+    model, judge = load_model(job)
+    base_hash = model_hash(model.unet.state_dict())
+    problem, config = build_problem(job, model)
+    denoiser = DiffusersDenoiser(model.unet, model.scheduler, encoder=model.encode, targets=job.targets,
+                                 rank=job.rank)
+    names = job.concept_names if job.kind == "concept" else ["forget"]
+    bar = _Progress(job.steps, progress and not quiet, names)
+    _say(quiet, f"{job.method.upper()}: unlearning {', '.join(repr(n) for n in names)} "
+                f"({'wordings: ' + str(sum(len(w) for w in job.concepts)) + ', ' if job.concepts else ''}"
+                f"kept prompts: {len(job.keep)}) for {job.steps} steps → {job.out}")
+    with _Interrupt() as intr:
+        trainer = Trainer(denoiser, problem, config, callbacks=[bar, *callbacks], should_stop=lambda: intr.stop)
+        try:
+            res = trainer.run()
+        finally:
+            bar.close()
+    units = "nats (path KL)" if problem.spec.constraint == "path_kl" else (
+        "nats (forget-set KL increase)" if job.kind == "data" else "nats (E[log-ratio])")
+    constraints = [{"name": n, "requested": b, "achieved": a, "lambda": lam, "units": units, "separation": s,
+                    "calibration": c}
+                   for n, b, a, lam, s, c in zip(names, res.thresholds, res.final_estimates, res.lambdas,
+                                                 res.separation, res.calibration)]
+    keep_rows = []
+    if trainer.keep_constraints:
+        duals = [h for h in res.history if "keep_mu" in h]
+        for j, kc in enumerate(trainer.keep_constraints):
+            keep_rows.append({"name": kc.name, "bound": kc.threshold, "mu": kc.dual.value,
+                              "last_estimate": duals[-1]["keep_estimate"][j] if duals else None})
+    md = unlearn_metadata(method=job.method, concepts=names, anchors=[job.anchor] * len(names),
+                          constraints=constraints, steps=res.steps_done, seed=job.seed, targets=job.targets,
+                          base_model_hash=base_hash,
+                          extra={"wordings": job.concepts, "keep": job.keep, "threshold_mode": job.threshold_mode,
+                                 "threshold": job.threshold, "model": job.model, "cancelled": res.cancelled})
+    if res.cancelled:
+        path = denoiser.export_lora(job.partial_path, metadata=md, overwrite=True)
+        _say(quiet, f"stopped at step {res.steps_done}/{job.steps}; kept the last good LoRA as {path}")
+        raise KeyboardInterrupt(f"stopped at step {res.steps_done}")
+    lora = denoiser.export_lora(job.lora_path, metadata=md, overwrite=job.overwrite)
+    with contextlib.suppress(FileNotFoundError):
+        job.partial_path.unlink()  # a finished run replaces an older interrupted one
+    train_seconds = res.seconds
+    # the trainer injected a peft adapter into the UNet; evaluation merges the exported file into clean weights
+    model.unet.delete_adapters(denoiser.adapter_name)
+    metrics: dict = {"lora": str(lora), "method": job.method, "concepts": names, "wordings": job.concepts,
+                     "anchor": job.anchor, "keep": job.keep, "threshold": job.threshold,
+                     "threshold_mode": job.threshold_mode, "steps": res.steps_done, "seed": job.seed,
+                     "constraints": constraints, "keep_constraints": keep_rows,
+                     "train_seconds": round(train_seconds, 1), "settled": settled(res.history, problem.lam_hi)}
+    evaluation = None
+    figures: list[tuple[str, str]] = []
+    if judge is not None and job.kind == "concept" and job.eval_samples >= 2:
+        from .evaluate import compare, erased_digits
+
+        try:
+            digits = erased_digits(names)
+        except ValueError as e:
+            log.warning("no judge metrics: %s", e)
+            digits = []
+        if digits:
+            _say(quiet, f"evaluating: {job.eval_samples} samples per prompt, base and unlearned, same seeds…")
+            before, after, evaluation = compare(model, judge, lora, digits, n=job.eval_samples, seed=job.seed)
+            metrics["evaluation"] = evaluation
+            figures += _grids(job, before, after)
+    elif judge is not None and job.kind == "data" and job.eval_samples >= 2:
+        metrics["evaluation"] = evaluation = _data_eval(job, model, judge, lora)
+    from .report import requested_vs_achieved_png, training_curves_png, write_json_atomic, write_report
+
+    training_curves_png(res.history, res.thresholds, names, job.out / "training.png",
+                        keep_names=[k["name"] for k in keep_rows], overwrite=True)
+    requested_vs_achieved_png(constraints, job.out / "constraints.png", overwrite=True)
+    figures = [("λ, μ and the constraint vs step", "training.png"),
+               ("requested vs achieved", "constraints.png")] + figures
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(job.out / "metrics.json", metrics, overwrite=True)
+    summary = {"method": job.method, "concepts": names, "wordings (share one λ)": job.concepts,
+               "anchor": repr(job.anchor), f"kept prompts (retention, ρ = {DEFAULTS['keep_rho']:g} × separation)":
+                   [repr(k) for k in job.keep], "threshold": f"{job.threshold:g} ({job.threshold_mode})",
+               "steps": res.steps_done, "seed": job.seed, "LoRA": lora.name,
+               "λ settled (last quarter)": metrics["settled"]["ok"],
+               "training seconds": round(train_seconds, 1), "total seconds": metrics["seconds"]}
+    write_report(job.out / "report.html", title=f"Unlearning {', '.join(names)} ({job.method.upper()})",
+                 summary=summary, constraints=constraints, metrics=evaluation if job.kind == "concept" else None,
+                 figures=figures, overwrite=True)
+    return metrics
+
+
+def settled(history: list[dict], lam_hi: float) -> dict:
+    """Over the last quarter of dual updates each λ stays inside its bounds and moves little (range ≤ 0.05)."""
+    duals = [h["lambda"] for h in history if "lambda" in h]
+    if not duals:
+        return {"ok": False, "ranges": []}
+    tail = duals[-max(len(duals) // 4, 1):]
+    ranges = [max(v[i] for v in tail) - min(v[i] for v in tail) for i in range(len(tail[0]))]
+    inside = all(0.0 < v[i] < lam_hi for v in tail for i in range(len(v)))
+    return {"ok": bool(inside and all(r <= 0.05 for r in ranges)), "ranges": ranges, "inside_bounds": inside,
+            "last": list(duals[-1])}
+
+
+def _grids(job: UnlearnJob, before: dict, after: dict) -> list[tuple[str, str]]:
+    from .report import sample_grid_png
+
+    out = []
+    for group, title in (("erased", "erased prompts"), ("paraphrase", "held-out paraphrases"),
+                         ("retained", "every other digit (neighbours and the rest)")):
+        for tag, suite in (("before", before), ("after", after)):
+            s = suite[group]
+            rows = [(p if len(p) < 34 else p[:32] + "…", s["images"][i]) for i, p in enumerate(s["prompts"])]
+            name = f"samples_{group}_{tag}.png"
+            sample_grid_png(rows, job.out / name, title=f"{title} — {tag}", overwrite=True)
+            out.append((f"{title}, {tag}", name))
+    return out
+
+
+def _data_eval(job: UnlearnJob, model, judge, lora) -> dict:
+    """FU on the demo: samples of the forget images' class must stay recognisable."""
+    from .evaluate import demo_digit
+    from .lora import apply_lora
+
+    k = demo_digit(job.caption) if job.caption else None
+    if k is None:
+        return {}
+    n = job.eval_samples
+    base = model.sample(job.caption, n=n, seed=job.seed)
+    with apply_lora(model.unet, lora):
+        after = model.sample(job.caption, n=n, seed=job.seed)
+    return {"prompt": job.caption, "digit": k, "acc_before": float((judge.predict_digit(base) == k).float().mean()),
+            "acc_after": float((judge.predict_digit(after) == k).float().mean()), "n": n}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("unlearn", help="unlearn a concept or data; writes a LoRA, metrics.json, report.html",
+                              description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="demo", help="'demo' (the built-in digits model)")
+    p.add_argument("--method", choices=sorted(METHODS), default=None,
+                   help="default: ru for --concept, fu for --forget")
+    g = p.add_argument_group("concepts")
+    g.add_argument("--concept", action="append", default=None, metavar="TEXT",
+                   help="concept to erase (repeatable: one constraint and one λ each); 'a|b|c' gives several "
+                        "wordings sharing one λ; on the demo a digit is expanded to its caption templates")
+    g.add_argument("--exact-wording", action="store_true", help="train only on the text given (no expansion)")
+    g.add_argument("--anchor", default=None, help="what the concept turns into (default \"\": unconditional)")
+    g.add_argument("--erase-from", default=None, metavar="TEXT",
+                   help="erase the concept from this broader prompt (sets the anchor and keeps this prompt)")
+    g.add_argument("--keep", action="append", default=None, metavar="TEXT",
+                   help="prompt whose outputs must stay close to the base model (repeatable; own dual variable); "
+                        "default on the demo: every other digit's main prompt; \"\" is always kept")
+    g.add_argument("--no-default-keep", action="store_true",
+                   help="no retention constraint unless --keep is given (not even on \"\")")
+    g = p.add_argument_group("data")
+    g.add_argument("--forget", type=Path, default=None, metavar="DIR", help="folder of images to forget")
+    g.add_argument("--retain", type=Path, default=None, metavar="DIR",
+                   help="folder of images to keep (default: samples of the pretrained model)")
+    g.add_argument("--caption", default="", help="prompt the data is conditioned on (default \"\")")
+    g = p.add_argument_group("training")
+    g.add_argument("--threshold", type=float, default=None,
+                   help=f"forget threshold as a multiple of the calibrated separation (default "
+                        f"{DEFAULTS['threshold']} for concepts, {DEFAULTS['fu_threshold']} for data)")
+    g.add_argument("--threshold-raw", type=float, default=None, help="forget threshold in raw estimator units")
+    g.add_argument("--weight", type=float, default=None, help="fixed weight for the baselines (ESD η, NegGrad w, SISS λ)")
+    g.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    g.add_argument("--rank", type=int, default=DEFAULTS["rank"])
+    g.add_argument("--targets", choices=("xattn", "attn", "all"), default=DEFAULTS["targets"])
+    g.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=None, help="output folder (default runs/<method>-<concept>)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing LoRA / report in --out")
+    g.add_argument("--eval-samples", type=int, default=DEFAULTS["eval_samples"],
+                   help="samples per prompt for the report's metrics (0: skip the evaluation)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar; print only the final JSON line")
+    p.set_defaults(func=_unlearn_main)
+    return p
+
+
+def _unlearn_main(args: argparse.Namespace) -> int:
+    import json
+
+    if args.out is None:
+        args.out = Path("runs") / ((args.method or ("fu" if args.forget else "ru")) + "-" +
+                                   "+".join(_slug(c.split("|")[0]) for c in (args.concept or [str(args.forget or "data")])))
+    job = job_from_args(args)
+    if job.kind == "data" and _is_demo(job.model) and job.steps == DEFAULTS["steps"]:
+        job.steps = DEFAULTS["fu_steps"]
+    try:
+        metrics = run_job(job, quiet=args.quiet)
+    except KeyboardInterrupt:
+        return 130
+    if not args.quiet:
+        ev = metrics.get("evaluation") or {}
+        c = metrics["constraints"]
+        print("\n".join(f"constraint {r['name']!r}: requested {r['requested']:.3f}, achieved {r['achieved']:.3f} "
+                        f"({r['achieved'] / r['requested'] if r['requested'] else float('nan'):.0%}), λ {r['lambda']:.3f}"
+                        for r in c))
+        if "forget_rate" in ev:
+            from .evaluate import format_metrics
+
+            print(format_metrics(ev))
+        print(f"wrote {metrics['lora']}, {job.out / 'metrics.json'}, {job.out / 'report.html'} "
+              f"({metrics['seconds']:.0f} s)")
+    print(json.dumps({"lora": metrics["lora"], "out": str(job.out), "seconds": metrics["seconds"],
+                      "constraints": [{k: r[k] for k in ("name", "requested", "achieved", "lambda")}
+                                      for r in metrics["constraints"]],
+                      **({k: metrics["evaluation"][k] for k in ("forget_rate", "paraphrase_leak_mean",
+                                                                  "retention_drop_points", "kid_retained")}
+                         if metrics.get("evaluation", {}).get("forget_rate") is not None else {})}))
+    return 0
