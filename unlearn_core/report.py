@@ -6,37 +6,28 @@ never leaves a half-written report, metrics file or figure behind.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .lora import _atomic_write
+
 __all__ = ["write_json_atomic", "write_bytes_atomic", "sample_grid_png", "training_curves_png",
            "requested_vs_achieved_png", "write_report"]
 
 
 def write_bytes_atomic(path: str | os.PathLike, blob: bytes, overwrite: bool = False) -> Path:
+    """Temp file in the same folder + fsync + rename (the LoRA writer's mechanism): a kill leaves old or new."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    _atomic_write(path, blob, overwrite=True)
     return path
 
 
