@@ -175,3 +175,18 @@ def test_exported_lora_applied_to_the_base_reproduces_the_adapted_model(base, tm
     cond = den.encode(["three"])
     with torch.no_grad():
         torch.testing.assert_close(_base_eps(fresh, x, t, cond), den.predict(x, t, cond), rtol=1e-4, atol=1e-5)
+
+
+def test_predict_groups_equals_separate_predicts_and_carries_gradients(base):
+    den = _make(base, "attn")
+    _randomise(den)
+    x, t = _x(3)
+    x2, t2 = _x(2, seed=5)
+    groups = [(x, t, den.encode(["anchor"])), (x2, t2, (torch.randn(1, 3, CTX), None)), (x[:1], t[:1], den.encode([""]))]
+    grouped = den.predict_groups(groups, adapted=True)
+    assert [g.shape[0] for g in grouped] == [3, 2, 1]
+    for g, (xi, ti, c) in zip(grouped, groups):
+        with torch.no_grad():
+            torch.testing.assert_close(g.detach(), den.predict(xi, ti, c, adapted=True), rtol=1e-5, atol=1e-6)
+    sum(g.pow(2).mean() for g in grouped).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in den.trainable_parameters())

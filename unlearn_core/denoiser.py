@@ -21,7 +21,7 @@ from torch import nn
 
 from .schedule import NoiseSchedule
 
-__all__ = ["Denoiser", "TorchDenoiser", "LoRALinear", "add_lora", "rollout"]
+__all__ = ["Denoiser", "TorchDenoiser", "LoRALinear", "add_lora", "predict_groups", "rollout", "rollout_many"]
 
 
 @runtime_checkable
@@ -39,6 +39,9 @@ class Denoiser(Protocol):
         """ε under several conditionings for the same ``x_t`` (one batched forward where possible)."""
 
     def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    # Optional: ``predict_groups(groups, adapted)`` — ε for several ``(x_t, t, cond)`` groups from one forward.
+    # Small models on a CPU spend most of their time in per-call overhead; see :func:`predict_groups`.
 
     def adapter_state(self) -> dict[str, torch.Tensor]: ...
 
@@ -145,6 +148,15 @@ class TorchDenoiser:
         out = self.predict(x_t.repeat(k, *([1] * (x_t.dim() - 1))), t.repeat(k), big, adapted)
         return list(out.chunk(k))
 
+    def predict_groups(self, groups: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                       adapted: bool) -> list[torch.Tensor]:
+        sizes = [x.shape[0] for x, _, _ in groups]
+        x = torch.cat([x for x, _, _ in groups])
+        t = torch.cat([torch.as_tensor(t, device=x.device).long().reshape(-1).expand(n)
+                       for (_, t, _), n in zip(groups, sizes)])
+        cond = torch.cat([c.expand(n, *c.shape[1:]) if c.shape[0] == 1 else c for (_, _, c), n in zip(groups, sizes)])
+        return list(self.predict(x, t, cond, adapted).split(sizes))
+
     def trainable_parameters_iter(self) -> Iterator[nn.Parameter]:
         for a in self.adapters:
             yield from (p for n, p in a.named_parameters() if not n.startswith("base."))
@@ -162,27 +174,64 @@ class TorchDenoiser:
             raise KeyError(f"adapter state has unknown keys: {missing.unexpected_keys[:5]}")
 
 
+def predict_groups(denoiser: Denoiser, groups: Sequence[tuple[torch.Tensor, torch.Tensor, Any]],
+                   adapted: bool) -> list[torch.Tensor]:
+    """ε for each ``(x_t, t, cond)`` group: one batched forward when the denoiser offers ``predict_groups``,
+    else one call per group. Gradients flow through either way."""
+    groups = [g for g in groups]
+    if not groups:
+        return []
+    fn = getattr(denoiser, "predict_groups", None)
+    if fn is not None and len(groups) > 1:
+        return fn(groups, adapted)
+    return [denoiser.predict(x, t, c, adapted) for x, t, c in groups]
+
+
 @torch.no_grad()
 def rollout(denoiser: Denoiser, cond: Any, n: int, num_jumps: int, generator: torch.Generator | None = None,
             adapted: bool = True, guidance: float = 1.0, uncond: Any = None,
-            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+            device: torch.device | str = "cpu", t_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``n`` trajectories of the (adapted or frozen) model with the stochastic reverse step.
 
     Returns ``(states, timesteps)``: ``states[k]`` is the batch at ``timesteps[k]`` (the last entry, timestep −1,
-    is the final sample). With ``guidance != 1`` the ε is classifier-free guided against ``uncond``.
+    is the final sample). With ``guidance != 1`` the ε is classifier-free guided against ``uncond``. ``t_max``: the
+    first timestep (default the noisiest; see :meth:`NoiseSchedule.rollout_timesteps`).
     """
+    (states,), ts = rollout_many(denoiser, [cond], [n], num_jumps, generator, adapted, guidance, uncond, device, t_max)
+    return states, ts
+
+
+@torch.no_grad()
+def rollout_many(denoiser: Denoiser, conds: Sequence[Any], ns: Sequence[int], num_jumps: int,
+                 generator: torch.Generator | None = None, adapted: bool = True, guidance: float = 1.0,
+                 uncond: Any = None, device: torch.device | str = "cpu",
+                 t_max: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`rollout` for several prompts at once (``ns[i]`` trajectories at ``conds[i]``), every jump one batched
+    forward over all of them (with the unconditional branch when guided). One prompt draws the same random
+    numbers as :func:`rollout`."""
+    if len(conds) != len(ns) or not conds:
+        raise ValueError("rollout_many needs one trajectory count per conditioning")
     sched = denoiser.schedule
-    ts = sched.rollout_timesteps(num_jumps)
-    x = torch.randn((n, *denoiser.sample_shape), generator=generator, device=device)
+    ts = sched.rollout_timesteps(num_jumps, t_max)
+    total = int(sum(ns))
+    x = torch.randn((total, *denoiser.sample_shape), generator=generator, device=device)
     states = [x]
+    bounds = torch.tensor([0, *ns]).cumsum(0).tolist()
     for t, s in zip(ts[:-1].tolist(), ts[1:].tolist()):
-        tt = torch.full((n,), t, dtype=torch.long, device=device)
+        tt = torch.full((total,), t, dtype=torch.long, device=device)
+        parts = [(x[a:b], tt[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         if guidance == 1.0:
-            eps = denoiser.predict(x, tt, cond, adapted)
+            eps = torch.cat(predict_groups(denoiser, [(xi, ti, c) for (xi, ti), c in zip(parts, conds)], adapted))
+        elif len(conds) == 1:
+            e_c, e_u = denoiser.predict_many(x, tt, [conds[0], uncond], adapted)
+            eps = e_u + guidance * (e_c - e_u)
         else:
-            e_c, e_u = denoiser.predict_many(x, tt, [cond, uncond], adapted)
+            groups = [(xi, ti, c) for (xi, ti), c in zip(parts, conds)] + [(x, tt, uncond)]
+            out = predict_groups(denoiser, groups, adapted)
+            e_c, e_u = torch.cat(out[:-1]), out[-1]
             eps = e_u + guidance * (e_c - e_u)
         noise = torch.randn(x.shape, generator=generator, device=device) if s >= 0 or sched.variance == "large" else None
-        x = sched.reverse_step(x, tt, torch.full((n,), s, dtype=torch.long, device=device), eps, noise)
+        x = sched.reverse_step(x, tt, torch.full((total,), s, dtype=torch.long, device=device), eps, noise)
         states.append(x)
-    return torch.stack(states), ts
+    stacked = torch.stack(states)
+    return [stacked[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])], ts

@@ -206,8 +206,14 @@ class DiffusersDenoiser:
 
         Conditionings with different sequence lengths are right-padded with zeros and masked out.
         """
-        n, k = x_t.shape[0], len(conds)
-        parts = [_expand(c, n) for c in conds]
+        return self.predict_groups([(x_t, t, c) for c in conds], adapted)
+
+    def predict_groups(self, groups: Sequence[tuple[torch.Tensor, torch.Tensor, Conditioning]],
+                       adapted: bool) -> list[torch.Tensor]:
+        """ε for several ``(x_t, t, cond)`` groups from one forward (batch ``Σ len(x_t)``); padded like
+        :meth:`predict_many`."""
+        sizes = [x.shape[0] for x, _, _ in groups]
+        parts = [_expand(c, n) for (_, _, c), n in zip(groups, sizes)]
         length = max(h.shape[1] for h, _, _ in parts)
         need_mask = any(m is not None for _, m, _ in parts) or any(h.shape[1] != length for h, _, _ in parts)
         hiddens, masks = [], []
@@ -220,15 +226,16 @@ class DiffusersDenoiser:
         added = None
         if parts[0][2] is not None:
             added = {key: torch.cat([p[2][key] for p in parts]) for key in parts[0][2]}
-        t = torch.as_tensor(t, device=x_t.device).long().expand(n)
-        big = (x_t.repeat(k, *([1] * (x_t.dim() - 1))), t.repeat(k), torch.cat(hiddens),
-               torch.cat(masks) if need_mask else None, added)
+        x = torch.cat([x for x, _, _ in groups])
+        t = torch.cat([torch.as_tensor(t, device=x.device).long().reshape(-1).expand(n)
+                       for (_, t, _), n in zip(groups, sizes)])
+        big = (x, t, torch.cat(hiddens), torch.cat(masks) if need_mask else None, added)
         if adapted:
             out = self._forward(*big)
         else:
             with self.adapter_disabled():
                 out = self._forward(*big)
-        return list(out.chunk(k))
+        return list(out.split(sizes))
 
 
 def _expand(cond: Conditioning, n: int) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:

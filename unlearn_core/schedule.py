@@ -106,12 +106,27 @@ class NoiseSchedule:
         c = beta_j**2 / (2 * var.clamp_min(1e-300) * alpha_j * (1 - at))
         return torch.where(var > 0, c, torch.zeros_like(c)).reshape(t.shape)
 
-    def rollout_timesteps(self, num_jumps: int) -> torch.Tensor:
-        """Evenly spaced timesteps for a rollout from the noisiest step, ending with −1 (clean)."""
+    def rollout_timesteps(self, num_jumps: int, t_max: int | None = None) -> torch.Tensor:
+        """Evenly spaced timesteps for a rollout from ``t_max`` (default: the noisiest step), ending with −1.
+
+        Start where the sampler you use starts (e.g. diffusers' "leading" spacing never visits the last index):
+        schedules whose final β is capped (squared-cosine) have ᾱ ≈ 0 at the last index, and the jump from it
+        carries a path-KL weight ~10⁵× the others' — a step no sampler takes would then dominate every estimate.
+        """
         if num_jumps < 1:
             raise ValueError("num_jumps must be >= 1")
-        if num_jumps >= self.num_steps:
-            ts = torch.arange(self.num_steps - 1, -1, -1)
+        top = self.num_steps - 1 if t_max is None else int(t_max)
+        if not 0 <= top < self.num_steps:
+            raise ValueError(f"rollout start t_max must be in [0, {self.num_steps - 1}], got {t_max}")
+        if num_jumps > top:
+            ts = torch.arange(top, -1, -1)
         else:
-            ts = torch.linspace(self.num_steps - 1, 0, num_jumps).round().long()
+            ts = torch.linspace(top, 0, num_jumps).round().long()
         return torch.cat([ts, ts.new_full((1,), -1)])
+
+    def first_jump_dominance(self, ts: torch.Tensor) -> float:
+        """Ratio of the first jump's path-KL weight to the median of the others (≫ 1: see rollout_timesteps)."""
+        w = self.path_kl_weight(ts[:-1], ts[1:])
+        if len(w) < 3:
+            return 1.0
+        return float(w[0] / w[1:].median().clamp_min(1e-300))

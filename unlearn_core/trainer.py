@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from . import targets
-from .denoiser import Denoiser, rollout
+from .denoiser import Denoiser, predict_groups, rollout_many
 from .dual import Constraint, DualVariable
 from .estimate import log_ratio, nelbo, path_kl_terms
 from .methods import MethodSpec, get_method
@@ -160,6 +160,9 @@ class TrainConfig:
     dual_estimate: str = "network"  # "network": the adapted model's own value; "target": at p_λ (RU only)
     rollouts: int = 32
     rollout_jumps: int | None = None  # None: every step of the schedule
+    # First timestep of the rollouts (None: the noisiest). Set it to where your sampler starts: a squared-cosine
+    # schedule's last index has ᾱ ≈ 0 and its jump would dominate every path KL (see NoiseSchedule).
+    rollout_t_max: int | None = None
     refresh_every: int = 10
     guidance: float = 1.0
     null_prompt: Any = ""
@@ -177,12 +180,18 @@ class TrainConfig:
     # ``polish_fraction`` of the run, so the adapter converges to p_λ̄ (the reported λ).
     polish_fraction: float = 0.2
     lr_final_ratio: float = 1.0  # < 1: cosine decay of the primal learning rate to lr × this at the last step
+    # Fraction of the steps before the first dual update: the adapter first moves to λ_init's minimiser (λ = 0:
+    # the anchor's distribution, which already meets a threshold of 1× the separation), so the dual ascent then
+    # starts from trajectories like the ones it will end on instead of the concept's own.
+    dual_warmup: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "dual_every", "rollouts", "refresh_every", "estimate_samples"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.rollout_t_max is not None and not (isinstance(self.rollout_t_max, int) and self.rollout_t_max >= 0):
+            raise ValueError(f"rollout_t_max must be an integer >= 0 or None, got {self.rollout_t_max!r}")
         for name in ("keep_batch", "keep_rollouts"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and v >= 1):
@@ -193,6 +202,8 @@ class TrainConfig:
             raise ValueError(f"dual_estimate must be 'network' or 'target', got {self.dual_estimate!r}")
         if not (0.0 <= self.polish_fraction < 0.5):
             raise ValueError(f"polish_fraction must be in [0, 0.5), got {self.polish_fraction!r}")
+        if not (0.0 <= self.dual_warmup < 1.0 - self.polish_fraction):
+            raise ValueError(f"dual_warmup must be in [0, 1 − polish_fraction), got {self.dual_warmup!r}")
         if not (0.0 < self.lr_final_ratio <= 1.0):
             raise ValueError(f"lr_final_ratio must be in (0, 1], got {self.lr_final_ratio!r}")
 
@@ -247,6 +258,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.should_stop = should_stop or (lambda: False)
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        self._warned_dominance = False
         self.spec = problem.spec
         if self.spec.kind == "concept" and self.cfg.dual_estimate == "target" and self.spec.objective != "reverse_kl":
             raise ValueError("dual_estimate='target' is available for RU/ESD only")
@@ -269,7 +281,9 @@ class Trainer:
                 ref = c.anchor if c.reference is None else c.reference
                 for w in c.wordings:
                     edit = w if c.edit is None else c.edit
-                    self.terms.append({"edit": enc([edit]), "anchor": enc([c.anchor]), "concept": enc([w]),
+                    anchor_key = c.anchor if isinstance(c.anchor, (str, int, float)) else id(c.anchor)
+                    self.terms.append({"edit": enc([edit]), "anchor": enc([c.anchor]), "anchor_key": anchor_key,
+                                       "concept": enc([w]),
                                        "ref": enc([ref]), "buf": _Buffer(), "name": str(c.wordings[0]), "ci": ci})
             self.keep_terms = [{"cond": enc([k]), "buf": _Buffer(), "name": str(k)} for k in self.p.keep]
             self.null = enc([self.cfg.null_prompt]) if self.cfg.guidance != 1.0 else None
@@ -280,11 +294,21 @@ class Trainer:
         for cb in self.callbacks:
             cb(event)
 
-    def _rollout(self, cond: Any, n: int, adapted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _rollout_many(self, conds: list, ns: list[int], adapted: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Trajectories at several prompts from one batched rollout (every jump: one forward for all of them)."""
         jumps = self.cfg.rollout_jumps or self.d.schedule.num_steps
-        states, ts = rollout(self.d, cond, n, jumps, self.gen, adapted=adapted, guidance=self.cfg.guidance,
-                             uncond=self.null)
+        states, ts = rollout_many(self.d, conds, ns, jumps, self.gen, adapted=adapted, guidance=self.cfg.guidance,
+                                  uncond=self.null, t_max=self.cfg.rollout_t_max)
         weights = self.d.schedule.path_kl_weight(ts[:-1], ts[1:]).float()
+        if not self._warned_dominance:
+            self._warned_dominance = True
+            ratio = self.d.schedule.first_jump_dominance(ts)
+            if ratio > 1e3:
+                msg = (f"the rollouts' first jump (t={int(ts[0])}) weighs {ratio:.3g}× the median jump in the path KL; "
+                       "the constraint then measures little else. Start the rollouts where your sampler starts "
+                       "(TrainConfig.rollout_t_max)")
+                log.warning(msg)
+                self._emit({"type": "warning", "message": msg})
         return states, ts, weights
 
     def _path_kl(self, buf: _Buffer, eps_a: torch.Tensor, eps_b: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
@@ -311,22 +335,33 @@ class Trainer:
         self.calibration, self.separation = [], []
         if self.spec.kind == "concept":
             per_term_cal, per_term_sep = [], []
-            for term in self.terms:
-                states, ts, w = self._rollout(term["anchor"], max(n // 4, self.cfg.rollouts), adapted=False)
+            # wordings that share an anchor (the usual case: "") share its trajectories
+            keys = list(dict.fromkeys(term["anchor_key"] for term in self.terms))
+            firsts = [next(term for term in self.terms if term["anchor_key"] == k) for k in keys]
+            n_cal = max(n // 2, self.cfg.rollouts)
+            anchor_states, ts, w = self._rollout_many([term["anchor"] for term in firsts], [n_cal] * len(keys),
+                                                      adapted=False)
+            for states, key in zip(anchor_states, keys):
+                members = [term for term in self.terms if term["anchor_key"] == key]
                 buf = _Buffer()
                 buf.fill(states, ts, w)
-                x, t, c = buf.x, buf.t, buf.c
-                sep = 0.0
-                for chunk in torch.split(torch.arange(len(t)), 8192):
-                    e_a, e_q = self._frozen(x[chunk], t[chunk], [term["anchor"], term["concept"]])
-                    keep = t[chunk] >= self.cfg.kl_t_min
-                    sep += float(path_kl_terms(e_a[keep], e_q[keep], c[chunk][keep]).sum())
-                sep /= states.shape[1]
+                seps = [0.0] * len(members)
+                for chunk in torch.split(torch.arange(len(buf.t)), 2048):
+                    x, t, c = buf.x[chunk], buf.t[chunk], buf.c[chunk]
+                    # the anchor's ε once, then every wording's
+                    outs = self._frozen(x, t, [members[0]["anchor"]] + [m["concept"] for m in members])
+                    keep = t >= self.cfg.kl_t_min
+                    for j in range(len(members)):
+                        seps[j] += float(path_kl_terms(outs[0][keep], outs[j + 1][keep], c[keep]).sum())
+                for m, sep in zip(members, seps):
+                    m["calib"] = (sep / states.shape[1], buf.final)
+            for term in self.terms:
+                sep, final = term.pop("calib")
                 per_term_sep.append(sep)
                 if self.spec.constraint == "path_kl":
                     per_term_cal.append(sep)  # λ = 0 gives p = p(anchor)
                 else:
-                    r = log_ratio(self.d, buf.final[:n], term["concept"], term["ref"], adapted=False,
+                    r = log_ratio(self.d, final[:n], term["concept"], term["ref"], adapted=False,
                                   draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min, seed=self.cfg.seed)
                     per_term_cal.append(float(r.mean()))
             self.calibration = self._per_constraint(per_term_cal)
@@ -387,21 +422,37 @@ class Trainer:
 
     # -------------------------------------------------------------------- steps
     def _concept_loss(self, step: int, stats: dict) -> torch.Tensor:
+        """Every edited wording and kept prompt contributes; their frozen and adapted forwards are each batched
+        into one call (``predict_groups``)."""
         cfg = self.cfg
         if step % cfg.refresh_every == 0:
-            for term in self.terms:
-                term["buf"].fill(*self._rollout(term["edit"], cfg.rollouts, adapted=True))
-            for term in self.keep_terms:
-                term["buf"].fill(*self._rollout(term["cond"], cfg.keep_rollouts or cfg.rollouts, adapted=True))
-        losses = []
+            conds = [term["edit"] for term in self.terms] + [term["cond"] for term in self.keep_terms]
+            ns = [cfg.rollouts] * len(self.terms) + [cfg.keep_rollouts or cfg.rollouts] * len(self.keep_terms)
+            all_states, ts, w = self._rollout_many(conds, ns, adapted=True)
+            for term, states in zip(self.terms + self.keep_terms, all_states):
+                term["buf"].fill(states, ts, w)
+        need_ref = self.spec.objective in ("likelihood_ratio", "likelihood")
         per_wording = max(cfg.batch // max(len(self.terms) // len(self.constraints), 1), 8)
-        for term in self.terms:
+        draws = [term["buf"].draw(per_wording, self.gen) for term in self.terms]
+        keep_draws = [term["buf"].draw(cfg.keep_batch or cfg.batch, self.gen) for term in self.keep_terms]
+        # frozen: (anchor, concept[, reference]) per wording, the kept prompt's own ε0 per kept prompt
+        frozen_groups = []
+        for term, (x, t, _) in zip(self.terms, draws):
+            frozen_groups += [(x, t, term["anchor"]), (x, t, term["concept"])] + ([(x, t, term["ref"])] if need_ref else [])
+        frozen_groups += [(x, t, term["cond"]) for term, (x, t, _) in zip(self.keep_terms, keep_draws)]
+        with torch.no_grad():
+            frozen = predict_groups(self.d, frozen_groups, adapted=False)
+        for o in frozen:
+            targets.check_finite("the frozen model's ε", o)
+        adapted = predict_groups(self.d, [(x, t, term["edit"]) for term, (x, t, _) in zip(self.terms, draws)]
+                                 + [(x, t, term["cond"]) for term, (x, t, _) in zip(self.keep_terms, keep_draws)],
+                                 adapted=True)
+        per = 3 if need_ref else 2
+        losses = []
+        for k, (term, (x, t, c)) in enumerate(zip(self.terms, draws)):
             i = term["ci"]
             lam = self.constraints[i].dual.value
-            x, t, c = term["buf"].draw(per_wording, self.gen)
-            need_ref = self.spec.objective in ("likelihood_ratio", "likelihood")
-            conds = [term["anchor"], term["concept"]] + ([term["ref"]] if need_ref else [])
-            eps = self._frozen(x, t, conds)
+            eps = frozen[per * k: per * (k + 1)]
             e_a, e_q = eps[0], eps[1]
             if self.spec.objective == "reverse_kl":
                 target = targets.reverse_kl_target(e_a, e_q, lam)
@@ -410,7 +461,7 @@ class Trainer:
             else:
                 ratio = self._ratio_at_x0(x, t, e_a, term)
                 target = targets.likelihood_target(e_a, e_q, eps[2], lam, ratio)
-            pred = self.d.predict(x, t, term["edit"], adapted=True)
+            pred = adapted[k]
             losses.append((pred - target).pow(2).flatten(1).mean(1).mean())
             if self.spec.constraint == "path_kl":
                 if cfg.dual_estimate == "target":
@@ -421,10 +472,9 @@ class Trainer:
                 if cfg.dual_estimate == "target":
                     stats.setdefault("net_est", [[] for _ in self.constraints])[i].append(
                         self._path_kl(term["buf"], pred.detach(), e_q, t, c))
-        for j, term in enumerate(self.keep_terms):
-            x, t, c = term["buf"].draw(cfg.keep_batch or cfg.batch, self.gen)
-            (e0,) = self._frozen(x, t, [term["cond"]])
-            pred = self.d.predict(x, t, term["cond"], adapted=True)
+        base = per * len(self.terms)
+        for j, (term, (_x, t, c)) in enumerate(zip(self.keep_terms, keep_draws)):
+            e0, pred = frozen[base + j], adapted[len(self.terms) + j]
             mu = self.keep_constraints[j].dual.value
             losses.append(cfg.keep_weight * (1 + mu) * (pred - e0).pow(2).flatten(1).mean(1).mean())
             stats.setdefault("keep_est", [[] for _ in self.keep_terms])[j].append(
@@ -489,9 +539,10 @@ class Trainer:
         n = n or self.cfg.estimate_samples
         out = []
         if self.spec.kind == "concept":
-            for term in self.terms:
-                states, ts, w = self._rollout(term["edit"], max(n // (len(self.terms) // len(self.constraints)), 8),
-                                              adapted=True)
+            n_each = max(n // (len(self.terms) // len(self.constraints)), 8)
+            all_states, ts, w = self._rollout_many([term["edit"] for term in self.terms], [n_each] * len(self.terms),
+                                                   adapted=True)
+            for term, states in zip(self.terms, all_states):
                 n_term = states.shape[1]
                 if self.spec.constraint == "path_kl":
                     buf = _Buffer()
@@ -534,6 +585,7 @@ class Trainer:
         step = 0
         polish_start = cfg.steps - int(round(cfg.polish_fraction * cfg.steps))
         polished = cfg.polish_fraction == 0.0
+        warmup = int(round(cfg.dual_warmup * cfg.steps))
         for step in range(cfg.steps):
             if self.should_stop():
                 cancelled = True
@@ -569,8 +621,11 @@ class Trainer:
                 self._freeze_at_average(history, step)
                 polished = True
             rec = {"step": step, "loss": float(loss.detach())}
+            if polished and cfg.polish_fraction > 0:
+                rec["polished"] = True  # λ frozen at its average: not evidence of settling (see unlearn.settled)
             if (step + 1) % cfg.dual_every == 0:
-                self._dual_update(stats, rec)
+                if step + 1 > warmup:
+                    self._dual_update(stats, rec)
                 stats = {}
                 good = self._snapshot(step)
             history.append(rec)

@@ -55,6 +55,10 @@ DEFAULTS: dict[str, Any] = {
     "keep_weight": 0.25,
     "lam_max": 0.9,
     "dual_lr": 0.05,
+    "dual_warmup": 0.3,
+    "dual_every": 10,
+    "dual_estimate": "target",  # RU/ESD: the dual gradient at p_λ's closed form; "network": the adapter's own KL
+    "polish_fraction": 0.2,
     "rollouts": 4,
     "rollout_jumps": 50,
     "guidance": 3.0,
@@ -366,12 +370,14 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
                           keep=job.keep, keep_rho=d["keep_rho"], threshold=job.threshold,
                           threshold_mode=job.threshold_mode, fixed_weight=job.weight,
                           lam_max=d["lam_max"] if job.method in ("ru", "esd") else None)
-        config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["batch"], keep_batch=d["keep_batch"], dual_every=10,
-                             dual_lr=d["dual_lr"], dual_smoothing=0.5,
-                             dual_estimate="target" if job.method in ("ru", "esd") else "network",
+        config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["batch"], keep_batch=d["keep_batch"],
+                             dual_every=d["dual_every"], dual_lr=d["dual_lr"], dual_smoothing=0.5,
+                             dual_estimate=d["dual_estimate"] if job.method in ("ru", "esd") else "network",
+                             polish_fraction=d["polish_fraction"],
                              rollouts=d["rollouts"], keep_rollouts=d["keep_rollouts"], rollout_jumps=d["rollout_jumps"],
                              refresh_every=d["refresh_every"], guidance=d["guidance"],
-                             estimate_samples=d["estimate_samples"], seed=job.seed, keep_weight=d["keep_weight"])
+                             estimate_samples=d["estimate_samples"], seed=job.seed, keep_weight=d["keep_weight"],
+                             rollout_t_max=sampler_start(model), dual_warmup=d["dual_warmup"])
         return problem, config
     files = job._forget_files  # type: ignore[attr-defined]
     size = model.unet.config.sample_size
@@ -390,6 +396,12 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
                          dual_smoothing=0.5, estimate_samples=d["estimate_samples"],
                          estimate_draws=d["fu_estimate_draws"], seed=job.seed)
     return problem, config
+
+
+def sampler_start(model) -> int | None:
+    """The first timestep of the model's own sampler: rollouts start there, not at a step it never takes."""
+    make = getattr(model, "sampling_scheduler", None)
+    return int(make().timesteps[0]) if make is not None else None
 
 
 def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbacks=()) -> dict:
@@ -488,15 +500,22 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
 
 
 def settled(history: list[dict], lam_hi: float) -> dict:
-    """Over the last quarter of dual updates each λ stays inside its bounds and moves little (range ≤ 0.05)."""
-    duals = [h["lambda"] for h in history if "lambda" in h]
-    if not duals:
-        return {"ok": False, "ranges": []}
-    tail = duals[-max(len(duals) // 4, 1):]
-    ranges = [max(v[i] for v in tail) - min(v[i] for v in tail) for i in range(len(tail[0]))]
-    inside = all(0.0 < v[i] < lam_hi for v in tail for i in range(len(v)))
-    return {"ok": bool(inside and all(r <= 0.05 for r in ranges)), "ranges": ranges, "inside_bounds": inside,
-            "last": list(duals[-1])}
+    """Did the dual variables settle while they were free to move?
+
+    The last quarter of the *free* dual updates (the final polish phase freezes λ at its average, so it proves
+    nothing; at least 3 updates) must stay inside (0, λ_max) and move by at most 0.05 or 15 % of their mean."""
+    free = [h["lambda"] for h in history if "lambda" in h and not h.get("polished")]
+    if not free:
+        return {"ok": False, "ranges": [], "window": 0}
+    tail = free[-max(len(free) // 4, min(3, len(free))):]
+    n = len(tail[0])
+    ranges = [max(v[i] for v in tail) - min(v[i] for v in tail) for i in range(n)]
+    means = [sum(v[i] for v in tail) / len(tail) for i in range(n)]
+    inside = all(0.0 < v[i] < lam_hi for v in tail for i in range(n))
+    small = all(r <= max(0.05, 0.15 * m) for r, m in zip(ranges, means))
+    last = [h["lambda"] for h in history if "lambda" in h]
+    return {"ok": bool(inside and small), "ranges": ranges, "inside_bounds": inside, "window": len(tail),
+            "last": list(last[-1])}
 
 
 def _grids(job: UnlearnJob, before: dict, after: dict) -> list[tuple[str, str]]:
@@ -568,6 +587,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="advanced: override a training default (repeatable), e.g. --set dual_lr=0.03; keys: "
+                        + ", ".join(sorted(DEFAULTS)))
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None, help="output folder (default runs/<method>-<concept>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing LoRA / report in --out")
@@ -578,19 +600,44 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs for :data:`DEFAULTS`, each converted to the type of the default it replaces."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in DEFAULTS:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(DEFAULTS))}")
+        kind = type(DEFAULTS[key])
+        try:
+            value = raw.strip() if kind is str else kind(float(raw)) if kind is int and float(raw).is_integer() else kind(raw)
+        except ValueError:
+            raise ValueError(f"--set {key}: {raw!r} is not a valid {kind.__name__}") from None
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--set {key}: must be a finite number >= 0, got {raw!r}")
+        out[key] = value
+    return out
+
+
 def _unlearn_main(args: argparse.Namespace) -> int:
     import json
 
     if args.out is None:
         args.out = Path("runs") / ((args.method or ("fu" if args.forget else "ru")) + "-" +
                                    "+".join(_slug(c.split("|")[0]) for c in (args.concept or [str(args.forget or "data")])))
+    overrides = parse_overrides(args.set or [])
     job = job_from_args(args)
     if job.kind == "data" and _is_demo(job.model) and job.steps == DEFAULTS["steps"]:
         job.steps = DEFAULTS["fu_steps"]
+    saved = dict(DEFAULTS)
+    DEFAULTS.update(overrides)
     try:
         metrics = run_job(job, quiet=args.quiet)
     except KeyboardInterrupt:
         return 130
+    finally:
+        DEFAULTS.clear()
+        DEFAULTS.update(saved)
     if not args.quiet:
         ev = metrics.get("evaluation") or {}
         c = metrics["constraints"]
