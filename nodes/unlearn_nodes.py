@@ -1,4 +1,4 @@
-"""The node classes (ComfyUI V3 API): Unlearn Concept, Save / Apply / Strip Unlearning LoRA."""
+"""The node classes (ComfyUI V3 API): Unlearn Concept, Unlearn Data, Save / Apply / Strip Unlearning LoRA."""
 
 from __future__ import annotations
 
@@ -14,17 +14,22 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
+from ..unlearn_core.denoiser import rollout
 from ..unlearn_core.lora import load_lora, save_lora, unlearn_metadata
-from ..unlearn_core.trainer import ConceptSpec, Problem, TrainConfig, Trainer, TrainResult
-from .comfy_denoiser import TARGET_PRESETS, ComfyDenoiser, check_model
+from ..unlearn_core.trainer import ConceptSpec, DataSpec, Problem, TrainConfig, Trainer, TrainResult
+from .comfy_denoiser import TARGET_PRESETS, ComfyDenoiser, check_model, model_family
 from .lora_patches import UnlearnLora, apply_lora_file, apply_unlearn_lora, strip_unlearn_patches
+from .progress import progress_reporter
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "unlearning"
 UnlearnLoraType = io.Custom("UNLEARN_LORA")
 METHODS = {"RU": "ru", "LU": "lu", "ESD": "esd"}
+DATA_METHODS = {"FU": "fu", "NegGrad": "neggrad", "SISS": "siss"}
 NO_FILE = "(none)"
+FU_LAM_MAX = 0.5  # as the CLI: λ ≤ 0.5 keeps the retain term at least as heavy as the forget term
+RETAIN_SAMPLE_STEPS = 30  # reverse jumps when the retain set is drawn from the model itself
 
 
 def _lines(text: str) -> list[str]:
@@ -78,6 +83,33 @@ def summary_text(result: TrainResult, concepts: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _cancel() -> bool:
+    """The trainer's stop poll: raise ComfyUI's interrupt at once (a returned True would still run the final
+    constraint estimates, minutes on a CPU, before the node could give up)."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    return False
+
+
+def _node_id(cls) -> str | None:
+    """The running node's id (ComfyUI's hidden UNIQUE_ID; None when a node is called outside an executor)."""
+    return getattr(getattr(cls, "hidden", None), "unique_id", None)
+
+
+def _train(den: ComfyDenoiser, problem: Problem, config: TrainConfig, node_id: str | None = None,
+           names: list[str] | None = None) -> TrainResult:
+    """Run the trainer with one progress-bar update per step and live "unlearn.progress" events for the front
+    end's chart; Cancel raises out of the step, the rollouts and the estimates (the denoiser checks it on every
+    UNet call), so nothing is returned or saved after a Cancel."""
+    pbar = comfy.utils.ProgressBar(config.steps)
+
+    def on_event(ev: dict) -> None:
+        if ev["type"] == "step":
+            pbar.update(1)
+
+    live = progress_reporter(node_id, names or [])
+    return Trainer(den, problem, config, callbacks=[on_event, live], should_stop=_cancel).run()
+
+
 class UnlearnConcept(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -122,7 +154,11 @@ class UnlearnConcept(io.ComfyNode):
                                tooltip="ESD only: the negative-guidance strength η."),
                 io.String.Input("keep_prompts", multiline=True, default="", optional=True,
                                 tooltip="Optional: prompts whose outputs must stay unchanged, one per line."),
+                io.Int.Input("trajectory_steps", default=20, min=2, max=1000, optional=True,
+                             tooltip="Denoising steps of the sampled trajectories that training and the constraint "
+                                     "estimates run on: more = finer estimates, proportionally slower."),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the unlearning LoRA applied."),
                 UnlearnLoraType.Output(display_name="unlearn_lora",
@@ -135,7 +171,7 @@ class UnlearnConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept: str, anchor: str, method: str, threshold: float, steps: int, rank: int,
                 targets: str, learning_rate: float, seed: int, width: int, height: int, batch: int, esd_eta: float,
-                keep_prompts: str = "") -> io.NodeOutput:
+                keep_prompts: str = "", trajectory_steps: int = 20) -> io.NodeOutput:
         concepts = parse_concepts(concept)
         if not concepts:
             raise ValueError("Unlearn Concept: 'concept' is empty — type what to unlearn, e.g. 'Van Gogh'")
@@ -151,23 +187,14 @@ class UnlearnConcept(io.ComfyNode):
                           keep=_lines(keep_prompts), threshold=threshold,
                           fixed_weight=esd_eta if key == "esd" else None)
         config = TrainConfig(steps=steps, lr=learning_rate, batch=batch, dual_every=min(10, steps),
-                             rollouts=max(2, batch // 2), rollout_jumps=20, refresh_every=10,
+                             rollouts=max(2, batch // 2), rollout_jumps=trajectory_steps, refresh_every=10,
                              estimate_samples=max(4, batch), seed=seed)
-        pbar = comfy.utils.ProgressBar(steps)
-
-        def on_event(ev: dict) -> None:
-            if ev["type"] == "step":
-                pbar.update(1)  # also how Cancel reaches the loop: the hook raises when interrupted
-
         # ComfyUI runs nodes under inference mode; autograd needs it off (as in comfy_extras/nodes_train.py).
         with torch.inference_mode(False), torch.enable_grad():
             den = ComfyDenoiser(model, clip=clip, targets=targets, rank=rank, latent_hw=(height // 8, width // 8),
                                 seed=seed)
             with den.session():
-                result = Trainer(den, problem, config, callbacks=[on_event],
-                                 should_stop=comfy.model_management.processing_interrupted).run()
-        if result.cancelled:
-            comfy.model_management.throw_exception_if_processing_interrupted()
+                result = _train(den, problem, config, _node_id(cls), [w[0] for w in concepts])
         md = unlearn_metadata(
             method=key, concepts=[" | ".join(w) for w in concepts], anchors=[anchor] * len(concepts),
             constraints=[{"name": w[0], "requested": result.thresholds[i], "achieved": result.final_estimates[i],
@@ -177,6 +204,166 @@ class UnlearnConcept(io.ComfyNode):
         lora = UnlearnLora(modules=den.lora_modules(), family=den.family, layout=den.layout, metadata=md,
                            summary=summary)
         log.info("Unlearn Concept: %s", summary.replace("\n", "; "))
+        return io.NodeOutput(apply_unlearn_lora(model, lora, 1.0), lora, curves_image(result), summary)
+
+
+def encode_images(vae, model, images: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, H, W, C] in [0, 1] → the model's latent space (``vae.encode``, then the latent format's
+    ``process_in``, as a sampler sees latents), float32 on the CPU where the trainer keeps its data."""
+    latent = vae.encode(images[:, :, :, :3])
+    return model.model.process_latent_in(latent).float().cpu().clone()
+
+
+def zero_conditioning(model) -> list:
+    """The unconditional input without a text encoder: zeroed context (ComfyUI's ConditioningZeroOut), plus a
+    zeroed pooled output where the model needs one (SDXL)."""
+    cfg = model.model.model_config.unet_config
+    extra = {"pooled_output": torch.zeros(1, 1280)} if model_family(model) == "sdxl" else {}
+    return [[torch.zeros(1, 77, int(cfg["context_dim"])), extra]]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _image_batch(images, what: str) -> torch.Tensor:
+    if not (isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] > 0):
+        raise ValueError(f"Unlearn Data: connect an IMAGE batch to '{what}' (e.g. from Load Image), got "
+                         f"{type(images).__name__}")
+    if images.shape[1] < 8 or images.shape[2] < 8:
+        raise ValueError(f"Unlearn Data: '{what}' images are {images.shape[2]}×{images.shape[1]} pixels; the VAE "
+                         "needs at least 8×8 — scale them up (e.g. with Upscale Image)")
+    return images
+
+
+class UnlearnData(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Unlearn_UnlearnData",
+            display_name="Unlearn Data",
+            category=f"{CATEGORY}/train",
+            description="Trains a LoRA that makes the model forget specific images (data unlearning) while its "
+                        "distribution elsewhere stays as close as possible to the original: FU (forward-KL "
+                        "constrained), or the NegGrad / SISS baselines with a fixed weight. Without retain images, "
+                        "the retain set is drawn from the unchanged model itself at the caption. Returns the model "
+                        "with the LoRA applied; the input MODEL is not changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to unlearn from."),
+                io.Vae.Input("vae", tooltip="The model's VAE, used to encode the images into latents."),
+                io.Image.Input("forget_images", tooltip="The images to forget (a batch, e.g. from Load Image)."),
+                io.Combo.Input("method", options=list(DATA_METHODS), default="FU",
+                               tooltip="FU: forward-KL constrained — the forget images must become unlikely by "
+                                       "'threshold', with λ found by the trainer; NegGrad: retain loss − weight × "
+                                       "forget loss; SISS: importance-sampled mixture with a fixed λ = weight."),
+                io.Float.Input("threshold", default=1.0, min=0.001, max=1000.0, step=0.01,
+                               tooltip="FU: how much worse the model must become at denoising the forget images — "
+                                       "the required increase of their negative ELBO, as a multiple of its value "
+                                       "under the original model (1.0 = double it). NegGrad / SISS only report "
+                                       "against it."),
+                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Training steps."),
+                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank."),
+                io.Combo.Input("targets", options=list(TARGET_PRESETS), default="attn",
+                               tooltip="Layers that get a LoRA: attn = all attention projections (default: images "
+                                       "are not reached through the text alone); xattn = cross-attention keys/values "
+                                       "(needs a CLIP); all = attention + feed-forward."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="Adam learning rate of the LoRA."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed for the LoRA initialisation, the noise draws and the retain samples."),
+                io.Int.Input("batch", default=4, min=1, max=256,
+                             tooltip="Retain and forget samples per step (each)."),
+                io.Float.Input("weight", default=0.5, min=0.0, max=0.95, step=0.01,
+                               tooltip="NegGrad: the forget loss's weight w; SISS: λ (the forget share of the data "
+                                       "retrains without it). Ignored by FU (it finds λ from the threshold)."),
+                io.Int.Input("retain_samples", default=16, min=1, max=1024,
+                             tooltip="Without retain images: how many samples of the unchanged model at the caption "
+                                     "form the retain set (what the model should keep producing)."),
+                io.Image.Input("retain_images", optional=True,
+                               tooltip="Optional: images the model must keep (resized to the forget images' size). "
+                                       "Without them the retain set is sampled from the unchanged model."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The model's text encoder, to encode the caption (and the empty prompt, the "
+                                      "model's own unconditional input). Without it the conditioning is zeroed."),
+                io.String.Input("caption", multiline=True, default="", optional=True,
+                                tooltip="The caption the forget images go with (e.g. the prompt that made them); "
+                                        "empty = unconditional. Needs the clip input."),
+                io.Int.Input("timesteps", default=100, min=2, max=1000, optional=True,
+                             tooltip="Noise levels used for training and for the forget-set estimate: this many "
+                                     "evenly spaced levels of the model's 1000 (1000 = all of them). The estimate "
+                                     "runs the UNet 5× per level and forget image: fewer = faster and coarser."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the unlearning LoRA applied."),
+                UnlearnLoraType.Output(display_name="unlearn_lora",
+                                       tooltip="The trained LoRA, for Save / Apply Unlearning LoRA."),
+                io.Image.Output(display_name="curves", tooltip="Loss and λ per step."),
+                io.String.Output(display_name="summary", tooltip="λ, threshold and the achieved forget-set increase."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, forget_images, method: str, threshold: float, steps: int, rank: int, targets: str,
+                learning_rate: float, seed: int, batch: int, weight: float, retain_samples: int,
+                retain_images=None, clip=None, caption: str = "", timesteps: int = 100) -> io.NodeOutput:
+        if method not in DATA_METHODS:
+            raise ValueError(f"Unlearn Data: unknown method {method!r}; choose one of {', '.join(DATA_METHODS)}")
+        check_model(model)
+        if vae is None or not hasattr(vae, "encode"):
+            raise ValueError("Unlearn Data: connect the checkpoint's VAE output to 'vae'")
+        forget_images = _image_batch(forget_images, "forget_images")
+        caption = (caption or "").strip()
+        if clip is None and caption:
+            raise ValueError("Unlearn Data: a caption needs a text encoder — connect the checkpoint's CLIP output to "
+                             "'clip', or clear the caption")
+        if clip is None and targets == "xattn":
+            raise ValueError("Unlearn Data: without a CLIP the conditioning is zero, and cross-attention keys/values "
+                             "of a zero context cannot change — connect CLIP or choose targets 'attn' or 'all'")
+        key = DATA_METHODS[method]
+        forget = encode_images(vae, model, forget_images)
+        retain = None
+        if retain_images is not None:
+            retain_images = _image_batch(retain_images, "retain_images")
+            h, w = forget_images.shape[1:3]
+            if tuple(retain_images.shape[1:3]) != (h, w):
+                retain_images = comfy.utils.common_upscale(retain_images.movedim(-1, 1), w, h, "bilinear",
+                                                           "center").movedim(1, -1)
+            retain = encode_images(vae, model, retain_images)
+        cond = caption if clip is not None else zero_conditioning(model)
+        config = TrainConfig(steps=steps, lr=learning_rate, batch=batch, dual_every=min(10, steps),
+                             estimate_samples=max(4, batch), seed=seed)
+        with torch.inference_mode(False), torch.enable_grad():
+            den = ComfyDenoiser(model, clip=clip, targets=targets, rank=rank, latent_hw=tuple(forget.shape[-2:]),
+                                seed=seed, num_timesteps=timesteps)
+            with den.session():
+                if retain is None:
+                    # p0 = the model itself at the caption: samples of the frozen model stand in for the retain set
+                    g = torch.Generator().manual_seed(seed + 12345)
+                    states, _ = rollout(den, den.encode([cond]), retain_samples, RETAIN_SAMPLE_STEPS, g,
+                                        adapted=False)
+                    retain = states[-1].float().cpu()
+                problem = Problem(key, data=DataSpec(forget=forget, retain=retain, cond=cond), threshold=threshold,
+                                  threshold_mode="multiple", fixed_weight=None if key == "fu" else weight,
+                                  lam_max=FU_LAM_MAX if key == "fu" else None)
+                result = _train(den, problem, config, _node_id(cls), ["forget"])
+        name = f"forget set ({_count(len(forget), 'image')})"
+        md = unlearn_metadata(
+            method=key, concepts=[name], anchors=[caption],
+            constraints=[{"name": "forget", "requested": result.thresholds[0], "achieved": result.final_estimates[0],
+                          "lambda": result.lambdas[0], "units": "forget-set NELBO increase"}],
+            steps=result.steps_done, seed=seed, targets=targets,
+            extra={"data": {"forget_images": len(forget), "retain_images": len(retain),
+                            "retain_from_model": retain_images is None, "caption": caption, "timesteps": timesteps}})
+        summary = (f"method {method}: {result.steps_done} steps in {result.seconds:.1f} s\n"
+                   f"{name}: λ = {result.lambdas[0]:.4g}, required NELBO increase {result.thresholds[0]:.4g} "
+                   f"({threshold:g}× its original value {result.separation[0]:.4g}), achieved "
+                   f"{result.final_estimates[0]:.4g}; retain set: "
+                   + (_count(len(retain), "image") if retain_images is not None else
+                      f"{_count(len(retain), 'sample')} of the unchanged model"))
+        lora = UnlearnLora(modules=den.lora_modules(), family=den.family, layout=den.layout, metadata=md,
+                           summary=summary)
+        log.info("Unlearn Data: %s", summary.replace("\n", "; "))
         return io.NodeOutput(apply_unlearn_lora(model, lora, 1.0), lora, curves_image(result), summary)
 
 
@@ -292,4 +479,5 @@ class StripUnlearningLora(io.ComfyNode):
         return io.NodeOutput(stripped)
 
 
-NODES: list[type[io.ComfyNode]] = [UnlearnConcept, SaveUnlearningLora, ApplyUnlearningLora, StripUnlearningLora]
+NODES: list[type[io.ComfyNode]] = [UnlearnConcept, UnlearnData, SaveUnlearningLora, ApplyUnlearningLora,
+                                   StripUnlearningLora]

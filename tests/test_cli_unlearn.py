@@ -94,6 +94,9 @@ def test_existing_output_is_not_overwritten(run_dir, capsys):
     (["--forget", "{tmp}/empty"], "holds no images"),
     (["--forget", "{tmp}/bad"], "cannot read image"),
     (["--concept", "three", "--method", "fu"], "unlearns data"),
+    (["--concept", "three", "--set", "no_such_knob=1"], "KEY=VALUE"),
+    (["--concept", "three", "--set", "steps=many"], "not a valid int"),
+    (["--concept", "three", "--set", "dual_lr=-1"], ">= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -157,3 +160,25 @@ def test_forget_images_fu_end_to_end(tmp_path):
     assert m["method"] == "fu" and m["constraints"][0]["name"] == "forget"
     assert m["evaluation"]["digit"] == 3
     assert torch.isfinite(torch.tensor(m["constraints"][0]["achieved"]))
+
+
+def test_settled_ignores_the_frozen_polish_phase_and_flags_a_moving_lambda():
+    def hist(free, frozen):
+        h = [{"step": 10 * i, "lambda": [v]} for i, v in enumerate(free)]
+        return h + [{"step": 10 * (len(free) + i), "lambda": [frozen], "polished": True} for i in range(4)]
+
+    calm = unlearn.settled(hist([0.1, 0.3, 0.42, 0.44, 0.43, 0.44, 0.45, 0.44], 0.44), lam_hi=0.9)
+    assert calm["ok"] and calm["window"] == 3 and calm["ranges"][0] == pytest.approx(0.01)
+    # λ still climbing when the polish froze it: the frozen tail must not hide that
+    climbing = unlearn.settled(hist([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], 0.7), lam_hi=0.9)
+    assert not climbing["ok"] and climbing["ranges"][0] == pytest.approx(0.2)
+    at_cap = unlearn.settled(hist([0.9] * 8, 0.9), lam_hi=0.9)
+    assert not at_cap["ok"] and not at_cap["inside_bounds"]
+    assert not unlearn.settled([], lam_hi=0.9)["ok"]
+
+
+def test_set_overrides_defaults_with_their_types_and_restores_them():
+    got = unlearn.parse_overrides(["dual_lr=0.03", "dual_every=5", "dual_estimate=network"])
+    assert got == {"dual_lr": 0.03, "dual_every": 5, "dual_estimate": "network"}
+    assert isinstance(got["dual_every"], int)
+    assert unlearn.DEFAULTS["dual_every"] == 10  # parsing alone changes nothing

@@ -56,6 +56,18 @@ def cond(text: str):
     return [[torch.randn(1, 4, CONTEXT_DIM, generator=g), {}]]
 
 
+class FakeVae:
+    """Duck-typed VAE: IMAGE [B, H, W, 3] → a 4-channel latent at 1/8 size that depends on every pixel block."""
+
+    def encode(self, pixels):
+        x = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8)
+        return torch.cat([x, x.mean(1, keepdim=True)], 1) * 2 - 1
+
+
+def images(n, size=64, seed=0):
+    return torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(seed))
+
+
 class FakeClip:
     """Duck-typed CLIP (tokenize + encode_from_tokens_scheduled) so the node runs without a real text encoder."""
 
@@ -218,6 +230,42 @@ def test_unlearn_concept_updates_the_progress_bar_once_per_step(pkg, monkeypatch
     assert calls == [(1, 2), (2, 2)]
 
 
+def test_unlearn_concept_streams_live_progress_events_for_its_node(pkg, monkeypatch):
+    import importlib
+    import types
+
+    nodes = pkg["unlearn_nodes"]
+    progress = importlib.import_module(nodes.__name__.rsplit(".", 1)[0] + ".progress")
+    sent = []
+    monkeypatch.setattr(nodes, "progress_reporter", lambda node_id, names: progress.progress_reporter(
+        node_id, names, send=lambda event, data: sent.append((event, data))))
+    monkeypatch.setattr(nodes.UnlearnConcept, "hidden", types.SimpleNamespace(unique_id="17"), raising=False)
+    nodes.UnlearnConcept.execute(
+        tiny_model(), FakeClip(), concept="a cat", anchor="", method="RU", threshold=1.0, steps=3, rank=1,
+        targets="xattn", learning_rate=1e-3, seed=0, width=64, height=64, batch=2, esd_eta=1.0)
+    assert all(event == "unlearn.progress" and data["node"] == "17" for event, data in sent)
+    assert sent[0][1] == {"node": "17", "reset": True, "names": ["a cat"]}
+    steps = [d for _, d in sent if "loss" in d]
+    assert [d["step"] for d in steps] == [0, 1, 2] and all(d["total"] == 3 for d in steps)
+    duals = [d for _, d in sent if "lambda" in d]
+    assert len(duals) == 1 and duals[0]["step"] == 2 and len(duals[0]["lambda"]) == len(duals[0]["slack"]) == 1
+
+
+def test_progress_reporter_is_silent_without_a_node_and_survives_a_broken_socket(pkg):
+    import importlib
+
+    progress = importlib.import_module(pkg["unlearn_nodes"].__name__.rsplit(".", 1)[0] + ".progress")
+    sent = []
+    progress.progress_reporter(None, ["x"], send=lambda e, d: sent.append(d))({"type": "step", "step": 0, "loss": 1.0})
+    assert sent == []
+
+    def broken(event, data):
+        raise ConnectionResetError("socket closed")
+
+    report = progress.progress_reporter("3", ["x"], send=broken)
+    report({"type": "step", "step": 0, "total": 1, "loss": float("nan")})  # must not raise
+
+
 @pytest.mark.parametrize("bad, fix", [("../evil", "plain file name"), ("/tmp/evil", "plain file name"),
                                       ("a/b", "plain file name"), ("a\\b", "plain file name"), ("", "empty"),
                                       ("C:evil", "plain file name"), (".hidden", "not allowed")])
@@ -279,7 +327,7 @@ def test_extension_registers_prefixed_v3_nodes_with_tooltips(pkg):
     ext = asyncio.run(sys.modules["comfyui_unlearn_under_test"].comfy_entrypoint())
     nodes = asyncio.run(ext.get_node_list())
     assert {n.define_schema().node_id for n in nodes} == {
-        "Unlearn_UnlearnConcept", "Unlearn_SaveUnlearningLora", "Unlearn_ApplyUnlearningLora",
+        "Unlearn_UnlearnConcept", "Unlearn_UnlearnData", "Unlearn_SaveUnlearningLora", "Unlearn_ApplyUnlearningLora",
         "Unlearn_StripUnlearningLora"}
     for n in nodes:
         s = n.define_schema()
@@ -298,3 +346,189 @@ def test_unlearn_concept_trains_a_model_loaded_under_inference_mode(pkg):
             mp, FakeClip(), concept="a cat", anchor="", method="RU", threshold=0.5, steps=2, rank=1,
             targets="xattn", learning_rate=1e-2, seed=0, width=64, height=64, batch=2, esd_eta=1.0)
     assert any(m.up.abs().max() > 0 for m in out.result[1].modules.values())
+
+
+# ---------------------------------------------------------------------------------------------------- Unlearn Data
+DATA_KW = dict(method="FU", threshold=0.5, steps=3, rank=2, targets="attn", learning_rate=1e-2, seed=0, batch=2,
+               weight=0.5, retain_samples=3, timesteps=20)
+
+
+def _capture_problems(pkg, monkeypatch):
+    """Record the Problem every Trainer of the node module is built with (the data the node hands the trainer)."""
+    nodes = pkg["unlearn_nodes"]
+    seen = []
+
+    class Recording(nodes.Trainer):
+        def __init__(self, den, problem, *a, **k):
+            seen.append(problem)
+            super().__init__(den, problem, *a, **k)
+
+    monkeypatch.setattr(nodes, "Trainer", Recording)
+    return seen
+
+
+def test_unlearn_data_trains_and_leaves_the_input_model_alone(pkg):
+    nodes = pkg["unlearn_nodes"]
+    mp = tiny_model(seed=3)
+    before = {k: v.clone() for k, v in mp.model.state_dict().items()}
+    out = nodes.UnlearnData.execute(mp, FakeVae(), images(2), retain_images=images(3, seed=1), clip=FakeClip(),
+                                    caption="a cat", **DATA_KW)
+    patched, lora, curves, summary = out.result
+    assert mp.patches == {} and all(torch.equal(before[k], v) for k, v in mp.model.state_dict().items())
+    assert patched is not mp and len(patched.patches) == len(lora.modules) > 0
+    assert any(m.up.abs().max() > 0 for m in lora.modules.values())  # three Adam steps moved the zero-init up
+    assert curves.shape[0] == 1 and curves.shape[-1] == 3
+    assert summary.startswith("method FU: 3 steps") and "forget set (2 images)" in summary and "3 images" in summary
+    assert lora.metadata["unlearn.method"] == "fu" and '"retain_from_model": false' in lora.metadata["unlearn.data"]
+
+
+def test_unlearn_data_encodes_images_with_the_vae_and_the_latent_format(pkg, monkeypatch):
+    seen = _capture_problems(pkg, monkeypatch)
+    mp, forget, retain = tiny_model(), images(2), images(3, size=48, seed=1)
+    pkg["unlearn_nodes"].UnlearnData.execute(mp, FakeVae(), forget, retain_images=retain, clip=FakeClip(),
+                                             caption="a cat", **{**DATA_KW, "steps": 1})
+    data = seen[0].data
+    torch.testing.assert_close(data.forget, mp.model.process_latent_in(FakeVae().encode(forget)))
+    assert data.forget.shape == (2, 4, 8, 8) and data.cond == "a cat"
+    assert data.retain.shape == (3, 4, 8, 8)  # 48×48 retain images were resized to the forget images' 64×64
+
+
+def test_unlearn_data_without_retain_images_samples_the_unchanged_model(pkg, monkeypatch):
+    seen = _capture_problems(pkg, monkeypatch)
+    node = pkg["unlearn_nodes"].UnlearnData
+    kw = {**DATA_KW, "steps": 1, "retain_samples": 5}
+    out = node.execute(tiny_model(), FakeVae(), images(2), clip=FakeClip(), caption="a cat", **kw)
+    node.execute(tiny_model(), FakeVae(), images(2), clip=FakeClip(), caption="a cat", **kw)
+    node.execute(tiny_model(), FakeVae(), images(2), clip=FakeClip(), caption="a dog", **kw)
+    r1, r2, r_dog = (p.data.retain for p in seen)
+    assert r1.shape == (5, 4, 8, 8) and torch.isfinite(r1).all()
+    assert torch.equal(r1, r2)  # a function of the seed and the frozen model …
+    assert (r1 - r_dog).abs().max() > 1e-4  # … at the caption
+    assert "5 samples of the unchanged model" in out.result[3]
+
+
+def test_neggrad_and_siss_train_with_the_fixed_weight(pkg):
+    node = pkg["unlearn_nodes"].UnlearnData
+    for method in ("NegGrad", "SISS"):
+        out = node.execute(tiny_model(), FakeVae(), images(2), retain_images=images(2, seed=1), clip=FakeClip(),
+                           caption="", **{**DATA_KW, "method": method, "weight": 0.3, "steps": 2})
+        lora, summary = out.result[1], out.result[3]
+        assert "λ = 0.3," in summary, summary
+        assert lora.metadata["unlearn.method"] == method.lower()
+
+
+def test_unlearn_data_without_clip_uses_zero_conditioning(pkg, monkeypatch):
+    seen = _capture_problems(pkg, monkeypatch)
+    out = pkg["unlearn_nodes"].UnlearnData.execute(tiny_model(), FakeVae(), images(1),
+                                                   retain_images=images(1, seed=1), **{**DATA_KW, "steps": 2})
+    ((ctx, extra),) = seen[0].data.cond
+    assert ctx.shape == (1, 77, CONTEXT_DIM) and not ctx.any() and extra == {}
+    assert any(m.up.abs().max() > 0 for m in out.result[1].modules.values())
+
+
+def test_unlearn_data_bad_inputs_say_what_to_fix(pkg):
+    node = pkg["unlearn_nodes"].UnlearnData
+    mp = tiny_model()
+    with pytest.raises(ValueError, match="caption needs a text encoder"):
+        node.execute(mp, FakeVae(), images(1), caption="a cat", **DATA_KW)
+    with pytest.raises(ValueError, match="choose targets 'attn' or 'all'"):
+        node.execute(mp, FakeVae(), images(1), **{**DATA_KW, "targets": "xattn"})
+    with pytest.raises(ValueError, match="connect an IMAGE batch to 'forget_images'"):
+        node.execute(mp, FakeVae(), None, clip=FakeClip(), **DATA_KW)
+    with pytest.raises(ValueError, match="at least 8×8"):
+        node.execute(mp, FakeVae(), images(1, size=4), clip=FakeClip(), **DATA_KW)
+    with pytest.raises(ValueError, match="connect the checkpoint's VAE"):
+        node.execute(mp, None, images(1), clip=FakeClip(), **DATA_KW)
+    with pytest.raises(ValueError, match="unknown method 'RU'"):
+        node.execute(mp, FakeVae(), images(1), clip=FakeClip(), **{**DATA_KW, "method": "RU"})
+
+
+def test_unlearn_data_updates_the_progress_bar_once_per_step(pkg, monkeypatch):
+    import comfy.utils
+
+    calls = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda v, total, preview, node_id=None: calls.append((v, total)))
+    pkg["unlearn_nodes"].UnlearnData.execute(tiny_model(), FakeVae(), images(1), retain_images=images(1, seed=1),
+                                             clip=FakeClip(), **{**DATA_KW, "steps": 2})
+    assert calls == [(1, 2), (2, 2)]
+
+
+def test_cancel_stops_training_within_one_step(pkg, monkeypatch):
+    """Cancel (ComfyUI's interrupt flag, set here by the progress hook after step 1) raises before the next UNet
+    call: no further step, no final estimate, no result."""
+    import comfy.model_management
+    import comfy.samplers
+    import comfy.utils
+
+    calls, unet_calls, at_cancel = [], [], []
+    real = comfy.samplers.calc_cond_batch
+
+    def counting(*a, **k):
+        unet_calls.append(1)
+        return real(*a, **k)
+
+    def hook(v, total, preview, node_id=None):
+        calls.append(v)
+        at_cancel.append(len(unet_calls))
+        comfy.model_management.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", counting)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    nodes = pkg["unlearn_nodes"]
+    runs = [(nodes.UnlearnConcept, dict(clip=FakeClip(), concept="a cat", anchor="", method="RU", threshold=1.0,
+                                        rank=1, targets="xattn", learning_rate=1e-3, seed=0, width=64, height=64,
+                                        batch=2, esd_eta=1.0, trajectory_steps=4)),
+            (nodes.UnlearnData, dict(vae=FakeVae(), forget_images=images(1), retain_images=images(1, seed=1),
+                                     clip=FakeClip(), **{k: v for k, v in DATA_KW.items() if k != "steps"}))]
+    try:
+        for node, kw in runs:
+            calls.clear(), unet_calls.clear(), at_cancel.clear()
+            with pytest.raises(comfy.model_management.InterruptProcessingException):
+                node.execute(tiny_model(), steps=50, **kw)
+            assert calls == [1] and len(unet_calls) == at_cancel[0] > 0
+            comfy.model_management.interrupt_current_processing(False)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+
+
+# ---------------------------------------------------------------------------------------------------- ComfyDenoiser
+def test_respaced_schedule_uses_evenly_spaced_levels_of_the_model(pkg, model):
+    den = pkg["comfy_denoiser"].ComfyDenoiser(model, latent_hw=(8, 8), num_timesteps=10)
+    sig = model.model.model_sampling.sigmas.float()
+    idx = torch.tensor([0, 111, 222, 333, 444, 555, 666, 777, 888, 999])
+    assert den.schedule.num_steps == 10
+    torch.testing.assert_close(den.sigma(torch.arange(10)), sig[idx])
+    torch.testing.assert_close(den.schedule.alphas_cumprod, 1 / (1 + sig[idx].double() ** 2))
+    with pytest.raises(ValueError, match="num_timesteps"):
+        pkg["comfy_denoiser"].ComfyDenoiser(model, latent_hw=(8, 8), num_timesteps=1)
+
+
+def test_large_batches_are_split_without_changing_predictions(pkg, model, monkeypatch):
+    import comfy.model_management
+
+    den = pkg["comfy_denoiser"].ComfyDenoiser(model, latent_hw=(8, 8))
+    x, t = torch.randn(5, 4, 8, 8), torch.tensor([1, 200, 400, 600, 999])
+    with den.session():
+        a, b = den.encode([cond("a")]), den.encode([cond("b")])
+        whole = den.predict_many(x, t, [a, b], adapted=False)
+        per = den.patcher.model.memory_required([2, 4, 8, 8])
+        real = comfy.model_management.get_free_memory
+        monkeypatch.setattr(comfy.model_management, "get_free_memory",  # room for two samples per call
+                            lambda dev=None, torch_free_too=False: real(dev, True) if torch_free_too else 3 * per)
+        assert den._chunk_size(x.shape, 2) == 2
+        split = den.predict_many(x, t, [a, b], adapted=False)
+    for w, s_ in zip(whole, split):
+        torch.testing.assert_close(s_, w, rtol=1e-5, atol=1e-6)
+
+
+def test_session_turns_inference_weights_into_normal_tensors_with_the_same_values(pkg):
+    with torch.inference_mode():
+        mp = tiny_model(seed=4)
+    before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
+    assert all(p.is_inference() for p in mp.model.diffusion_model.parameters())
+    den = pkg["comfy_denoiser"].ComfyDenoiser(mp, targets="xattn", latent_hw=(8, 8))
+    assert set(den.patcher.weight_wrapper_patches) == {f"diffusion_model.{n}.weight" for n in den.adapters}
+    with torch.inference_mode(False), den.session():
+        pass
+    assert not any(p.is_inference() for p in mp.model.diffusion_model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in mp.model.diffusion_model.state_dict().items())

@@ -9,9 +9,13 @@ Defaults (demo model) — each from a measurement, see ``benchmarks/acceptance_c
 - a retention constraint keeps the unconditional branch "" (which classifier-free guidance uses for *every*
   prompt) and the other classes' prompts within ρ of the base model, each with its own dual variable μ: a
   forget constraint alone does not bound collateral damage;
-- the threshold is a multiple of the calibrated anchor–concept separation; the dual step is taken at the
-  closed-form target for the current λ (no controller lag), and λ is frozen at its recent mean for the last
-  fifth of the steps.
+- the threshold is a multiple (2.5) of the calibrated anchor–concept separation; the rollouts start where the
+  demo's sampler starts (t = 925: the squared-cosine schedule's last step has ᾱ ≈ 2e-9 and its jump would weigh
+  10⁵× the others in the path KL — with it, the constraint measured almost nothing else and nothing was erased);
+- λ is held at 0 for the first fifth (the adapter first moves towards the anchor), then takes damped steps
+  (every 5 steps, 0.03 × slack / separation) on the adapter's *own* path KL, and is frozen at its recent mean
+  for the last fifth. The estimate at the closed-form target (no lag) was tried: the trajectories it is measured
+  on move with the model, so it over-read early, λ overshot, and the adapter ended at 0.6–0.9× the request.
 """
 
 from __future__ import annotations
@@ -44,20 +48,20 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 #: Defaults of the demo-model job (CPU, minutes). ``threshold`` is a multiple of the calibrated separation.
 DEFAULTS: dict[str, Any] = {
-    "threshold": 4.0,
-    "steps": 100,
+    "threshold": 2.5,
+    "steps": 120,
     "rank": 4,
     "targets": "xattn",
-    "lr": 3e-3,
+    "lr": 5e-3,
     "batch": 32,
     "keep_batch": 4,
     "keep_rho": 0.05,
     "keep_weight": 0.25,
     "lam_max": 0.9,
-    "dual_lr": 0.05,
-    "dual_warmup": 0.3,
-    "dual_every": 10,
-    "dual_estimate": "target",  # RU/ESD: the dual gradient at p_λ's closed form; "network": the adapter's own KL
+    "dual_lr": 0.03,
+    "dual_warmup": 0.2,
+    "dual_every": 5,
+    "dual_estimate": "network",  # the adapter's own path KL ("target": at p_λ's closed form; see above)
     "polish_fraction": 0.2,
     "rollouts": 4,
     "rollout_jumps": 50,
