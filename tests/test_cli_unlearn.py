@@ -177,8 +177,9 @@ def test_settled_ignores_the_frozen_polish_phase_and_flags_a_moving_lambda():
     assert not unlearn.settled([], lam_hi=0.9)["ok"]
 
 
-def test_set_overrides_defaults_with_their_types_and_restores_them():
-    got = unlearn.parse_overrides(["dual_lr=0.03", "dual_every=5", "dual_estimate=network"])
-    assert got == {"dual_lr": 0.03, "dual_every": 5, "dual_estimate": "network"}
-    assert isinstance(got["dual_every"], int)
-    assert unlearn.DEFAULTS["dual_every"] == 10  # parsing alone changes nothing
+def test_set_overrides_are_converted_to_the_defaults_types():
+    before = dict(unlearn.DEFAULTS)
+    got = unlearn.parse_overrides(["dual_lr=0.07", "dual_every=7", "dual_estimate=target"])
+    assert got == {"dual_lr": 0.07, "dual_every": 7, "dual_estimate": "target"}
+    assert isinstance(got["dual_every"], int) and isinstance(got["dual_lr"], float)
+    assert unlearn.DEFAULTS == before  # parsing alone changes nothing
