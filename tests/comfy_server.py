@@ -4,8 +4,9 @@
   (``<cache>/models/random-sd15-fp16.safetensors``, 2.1 GB, ~30 s; see ``make_sd15_checkpoint.py``).
 * :class:`ComfyServer` runs ``main.py --cpu`` from the cached ComfyUI tree with ``--base-directory`` pointing at a
   temporary folder (models, custom_nodes, input, output, user, database): nothing is written into the cached tree.
-  This repository is linked into its ``custom_nodes`` as ``ComfyUI-Unlearn``; the checkpoint is linked into
-  ``models/checkpoints``. The server's output goes to ``server.log`` in that folder; :meth:`stop` kills it by PID.
+  This repository is linked into its ``custom_nodes`` as ``ComfyUI-Unlearn``; the checkpoint, if one is given, is
+  linked into ``models/checkpoints`` (the front-end tests need none). The server's output goes to ``server.log`` in
+  that folder; :meth:`stop` kills it by PID (its own process group).
 """
 
 from __future__ import annotations
@@ -46,15 +47,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` s, to the process group of ``proc`` (started with
+    ``start_new_session=True``, so its group id is its PID): children it spawned get the signal too."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class ComfyServer:
     """One ComfyUI process on 127.0.0.1 with its own base directory."""
 
-    def __init__(self, comfy_root: Path, base: Path, checkpoint: Path):
+    def __init__(self, comfy_root: Path, base: Path, checkpoint: Path | None = None):
         self.root, self.base = comfy_root, base
         for sub in ("custom_nodes", "models/checkpoints", "models/loras", "input", "output", "user"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         (base / "custom_nodes" / PACKAGE_NAME).symlink_to(ROOT, target_is_directory=True)
-        (base / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
+        if checkpoint is not None:
+            (base / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
@@ -94,12 +113,7 @@ class ComfyServer:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=20)
+        kill_group(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

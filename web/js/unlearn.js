@@ -1,14 +1,15 @@
-// ComfyUI-Unlearn front-end extension: a live chart of the training (loss, λ per constraint, constraint slack)
-// drawn on the Unlearn Concept / Unlearn Data nodes while they run.
+// ComfyUI-Unlearn front-end extension: a live chart of the training (loss, λ per constraint) drawn on the
+// Unlearn Concept / Unlearn Data nodes while they run (the slack the messages carry is not drawn).
 //
 // The nodes send "unlearn.progress" messages over ComfyUI's websocket (PromptServer.send_sync):
 //   {node, step, total, loss}                         every step
 //   {node, step, total, lambda: [...], slack: [...]}  at every dual update
 //   {node, reset: true, names: [...]}                 when a run starts
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const TRAIN_NODES = new Set(["Unlearn_UnlearnConcept", "Unlearn_UnlearnData"]);
+const CHART_WIDGET = "unlearn_chart";
 const CHART_H = 96;
 const PAD = 8;
 const COLORS = ["#4fc3f7", "#ffb74d", "#81c784", "#e57373", "#ba68c8", "#fff176"];
@@ -36,15 +37,17 @@ function polyline(ctx, pts, x0, y0, w, h, xmax, ymin, ymax) {
   ctx.stroke();
 }
 
-function drawChart(ctx, node, s) {
-  const w = node.size[0] - 2 * PAD;
-  const top = node.size[1] - CHART_H;
+// The chart is a canvas widget below the node's other widgets: the layout gives it its own CHART_H rows, so the
+// widgets that grow (the multiline text boxes, DOM elements over the canvas) cannot cover it.
+function drawChart(ctx, width, top, s) {
+  const w = width - 2 * PAD;
   const h = CHART_H - 2 * PAD - 12;
   const half = (w - PAD) / 2;
   ctx.save();
   ctx.fillStyle = "rgba(0,0,0,0.35)";
   ctx.fillRect(PAD, top, w, CHART_H - PAD);
   ctx.font = "10px sans-serif";
+  ctx.textAlign = "left";
   ctx.fillStyle = "#ccc";
   ctx.fillText(`step ${s.step}/${s.total}`, PAD + 4, top + 11);
   // left: loss
@@ -56,20 +59,43 @@ function drawChart(ctx, node, s) {
     polyline(ctx, losses, PAD + 4, top + 14, half - 8, h, s.total, Math.min(...ys), Math.max(...ys));
     ctx.fillText(`loss ${ys[ys.length - 1].toPrecision(3)}`, PAD + 4, top + CHART_H - PAD - 2);
   }
-  // right: λ per constraint (0 … max(1, λ))
+  // right: λ per constraint (0 … max λ). The server sends null for a non-finite value: not plotted, shown as "–".
   const x1 = PAD + half + PAD;
-  const lmax = Math.max(1e-6, ...s.lambda.flatMap(([, v]) => v));
+  const lmax = Math.max(1e-6, ...s.lambda.flatMap(([, v]) => v.filter(Number.isFinite)));
   const n = s.lambda.length ? s.lambda[0][1].length : 0;
   for (let i = 0; i < n; i++) {
     ctx.strokeStyle = COLORS[i % COLORS.length];
-    polyline(ctx, s.lambda.map(([x, v]) => [x, v[i]]), x1, top + 14, half - 8, h, s.total, 0, lmax);
+    const pts = s.lambda.map(([x, v]) => [x, v[i]]).filter(([, y]) => Number.isFinite(y));
+    polyline(ctx, pts, x1, top + 14, half - 8, h, s.total, 0, lmax);
   }
   if (n) {
     const last = s.lambda[s.lambda.length - 1][1];
     ctx.fillStyle = "#ccc";
-    ctx.fillText("λ " + last.map((v) => v.toFixed(3)).join(", "), x1, top + CHART_H - PAD - 2);
+    const label = last.map((v) => (Number.isFinite(v) ? v.toFixed(3) : "–")).join(", ");
+    ctx.fillText("λ " + label, x1, top + CHART_H - PAD - 2);
   }
   ctx.restore();
+}
+
+function chartWidget(node) {
+  const existing = node.widgets?.find((w) => w.name === CHART_WIDGET);
+  if (existing) return existing;
+  const widget = node.addCustomWidget({
+    name: CHART_WIDGET,
+    type: CHART_WIDGET,
+    value: null,
+    serialize: false, // not in the saved workflow's widgets_values
+    options: { serialize: false }, // not an input of the queued prompt
+    computeSize(width) {
+      return [width ?? node.size[0], CHART_H];
+    },
+    draw(ctx, n, width, y) {
+      if (n.unlearnSeries) drawChart(ctx, width, y, n.unlearnSeries);
+    },
+  });
+  const min = node.computeSize();
+  node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
+  return widget;
 }
 
 app.registerExtension({
@@ -78,26 +104,15 @@ app.registerExtension({
   async setup() {
     api.addEventListener("unlearn.progress", ({ detail }) => {
       const node = findNode(detail?.node);
-      if (!node) return;
+      if (!node || !TRAIN_NODES.has(node.type)) return;
       if (detail.reset || !node.unlearnSeries) node.unlearnSeries = emptySeries(detail.names);
       const s = node.unlearnSeries;
       if (typeof detail.step === "number") s.step = detail.step + 1;
       if (typeof detail.total === "number") s.total = detail.total;
       if (typeof detail.loss === "number") s.loss.push([detail.step, detail.loss]);
       if (Array.isArray(detail.lambda)) s.lambda.push([detail.step, detail.lambda]);
-      const min = node.computeSize()[1] + CHART_H;
-      if (node.size[1] < min) node.setSize([node.size[0], min]);
+      chartWidget(node);
       node.setDirtyCanvas(true, false);
     });
-  },
-
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!TRAIN_NODES.has(nodeData.name)) return;
-    const onDrawForeground = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      const r = onDrawForeground?.apply(this, arguments);
-      if (this.unlearnSeries && !this.flags?.collapsed) drawChart(ctx, this, this.unlearnSeries);
-      return r;
-    };
   },
 });
