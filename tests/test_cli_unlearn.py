@@ -183,3 +183,47 @@ def test_set_overrides_are_converted_to_the_defaults_types():
     assert got == {"dual_lr": 0.07, "dual_every": 7, "dual_estimate": "target"}
     assert isinstance(got["dual_every"], int) and isinstance(got["dual_lr"], float)
     assert unlearn.DEFAULTS == before  # parsing alone changes nothing
+
+
+RESUMABLE = [*TINY, "--steps", "8", "--eval-samples", "0", "--checkpoint-every", "2",
+             "--set", "dual_every=2", "--set", "refresh_every=2"]
+
+
+def test_ctrl_c_then_resume_reproduces_the_uninterrupted_lora(tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    assert cli.main(["unlearn", "--concept", "three", "--out", str(full), *RESUMABLE]) == 0
+    assert not (full / "ru-three.checkpoint.pt").exists()  # a finished run leaves nothing to resume
+
+    out = tmp_path / "cut"
+
+    def interrupt_at_step_5(ev):
+        if ev["type"] == "step" and ev["step"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    args = cli.build_parser().parse_args(["unlearn", "--concept", "three", "--out", str(out), *RESUMABLE])
+    for k, v in unlearn.parse_overrides(args.set).items():
+        monkeypatch.setitem(unlearn.DEFAULTS, k, v)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn.run_job(unlearn.job_from_args(args), quiet=True, callbacks=[interrupt_at_step_5])
+    state = torch.load(out / "ru-three.checkpoint.pt", weights_only=True)
+    assert state["step"] == 4 and not (out / "ru-three.safetensors").exists()
+
+    # a different option refuses the checkpoint instead of silently starting over
+    rc = cli.main(["unlearn", "--concept", "three", "--out", str(out), *RESUMABLE, "--lr", "0.01", "--resume"])
+    assert rc == 2 and (out / "ru-three.checkpoint.pt").exists()
+
+    assert cli.main(["unlearn", "--concept", "three", "--out", str(out), *RESUMABLE, "--resume"]) == 0
+    a, b = load_lora(full / "ru-three.safetensors"), load_lora(out / "ru-three.safetensors")
+    for name, m in a.modules.items():
+        torch.testing.assert_close(b.modules[name].down, m.down, rtol=0, atol=0)
+        torch.testing.assert_close(b.modules[name].up, m.up, rtol=0, atol=0)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (full, out))
+    assert mb["steps"] == 8 and mb["dual_history"] == ma["dual_history"]
+    assert mb["constraints"][0]["lambda"] == ma["constraints"][0]["lambda"]
+    assert not (out / "ru-three.checkpoint.pt").exists()
+
+
+def test_resume_without_a_checkpoint_starts_afresh(tmp_path, capsys):
+    out = tmp_path / "fresh"
+    rc = cli.main(["unlearn", "--concept", "three", "--out", str(out), *RESUMABLE, "--steps", "2", "--resume"])
+    assert rc == 0 and (out / "ru-three.safetensors").exists()

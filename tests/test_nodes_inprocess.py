@@ -268,7 +268,12 @@ def test_progress_reporter_is_silent_without_a_node_and_survives_a_broken_socket
 
 @pytest.mark.parametrize("bad, fix", [("../evil", "plain file name"), ("/tmp/evil", "plain file name"),
                                       ("a/b", "plain file name"), ("a\\b", "plain file name"), ("", "empty"),
-                                      ("C:evil", "plain file name"), (".hidden", "not allowed")])
+                                      ("C:evil", "plain file name"), (".hidden", "not allowed"),
+                                      ("..", "plain file name"), (".", "not allowed"), ("...", "plain file name"),
+                                      ("   ", "empty"), ("a/../b", "plain file name"), ("/", "plain file name"),
+                                      ("..\\evil", "plain file name"), ("C:\\evil", "plain file name"),
+                                      ("\\\\server\\share\\x", "plain file name"), ("x\x00y", "plain file name"),
+                                      ("a\nb", "not allowed"), ("ａ／ｂ", "not allowed")])
 def test_save_refuses_path_like_names(pkg, bad, fix):
     with pytest.raises(ValueError, match=fix):
         pkg["unlearn_nodes"].safe_lora_name(bad)

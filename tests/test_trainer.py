@@ -227,3 +227,55 @@ def test_dual_warmup_holds_lambda_then_updates_and_polish_records_are_marked(bas
     assert not any(h.get("polished") for h in res.history if h["step"] < 16)
     with pytest.raises(ValueError, match="dual_warmup"):
         TrainConfig(dual_warmup=0.9, polish_fraction=0.2)
+
+
+@pytest.mark.parametrize("make", [lambda: concept_problem("ru"), lambda: concept_problem("lu"),
+                                  lambda: data_problem("fu")])
+def test_a_run_resumed_from_a_checkpoint_through_a_file_reproduces_the_uninterrupted_run(base, make, tmp_path):
+    cfg = dict(TINY, steps=16, checkpoint_every=4, polish_fraction=0.25)
+    d_full, r_full, _ = run(base, make(), **cfg)
+    # the interrupted run: checkpoints every 4 steps, cancelled at step 10 (the last checkpoint is step 8)
+    torch.manual_seed(0)
+    saved, seen = [], []
+
+    def keep(state):
+        torch.save(state, tmp_path / "ckpt.pt")
+        saved.append(state["step"])
+
+    t1 = Trainer(toy_denoiser(base), make(), TrainConfig(seed=0, **cfg), callbacks=[seen.append], on_checkpoint=keep,
+                 should_stop=lambda: sum(e["type"] == "step" for e in seen) >= 10)
+    assert t1.run().cancelled
+    assert saved == [4, 8]
+    # a fresh process: new denoiser (other random init), new trainer; only the file carries the state
+    torch.manual_seed(123)
+    d2 = toy_denoiser(base)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    r2 = Trainer(d2, make(), TrainConfig(seed=0, **cfg)).run(resume=state)
+    assert r2.steps_done == 16 and not r2.cancelled
+    assert r2.lambdas == r_full.lambdas
+    assert [h["step"] for h in r2.history] == list(range(16))
+    for k, v in d_full.adapter_state().items():
+        torch.testing.assert_close(d2.adapter_state()[k], v, rtol=0, atol=0)
+
+
+def test_checkpoint_interval_rounds_up_to_whole_dual_and_refresh_periods():
+    assert TrainConfig(**{**TINY, "dual_every": 5, "refresh_every": 20, "checkpoint_every": 7}).checkpoint_interval == 20
+    assert TrainConfig(**{**TINY, "dual_every": 5, "refresh_every": 20, "checkpoint_every": 0}).checkpoint_interval == 0
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        TrainConfig(**{**TINY, "checkpoint_every": -1})
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(base):
+    states = []
+    cfg = dict(TINY, checkpoint_every=4)
+    torch.manual_seed(0)
+    Trainer(toy_denoiser(base), concept_problem(), TrainConfig(**cfg), on_checkpoint=states.append).run()
+    state = states[-1]
+    with pytest.raises(ValueError, match="other training options: lr"):
+        Trainer(toy_denoiser(base), concept_problem(), TrainConfig(**{**cfg, "lr": 5e-3})).run(resume=state)
+    with pytest.raises(ValueError, match="method 'ru'"):
+        Trainer(toy_denoiser(base), concept_problem("lu"), TrainConfig(**cfg)).run(resume=state)
+    with pytest.raises(ValueError, match="threshold"):
+        Trainer(toy_denoiser(base), concept_problem(threshold=2.0), TrainConfig(**cfg)).run(resume=state)
+    with pytest.raises(ValueError, match="not a ComfyUI-Unlearn trainer checkpoint"):
+        Trainer(toy_denoiser(base), concept_problem(), TrainConfig(**cfg)).run(resume={"step": 3})

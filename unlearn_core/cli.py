@@ -12,7 +12,8 @@ import sys
 from .methods import METHODS
 
 # Subcommands that live in their own modules register themselves through ``add_subcommand(subparsers)``.
-_PLUGINS = ("unlearn_core.lora", "unlearn_core.demo.sample", "unlearn_core.unlearn", "unlearn_core.evaluate")
+_PLUGINS = ("unlearn_core.lora", "unlearn_core.demo.sample", "unlearn_core.unlearn", "unlearn_core.evaluate",
+            "unlearn_core.batch")
 
 
 class UsageError(Exception):

@@ -21,10 +21,14 @@ from .denoiser import Denoiser
 __all__ = ["path_kl_terms", "nelbo", "log_ratio", "all_jumps"]
 
 
-def all_jumps(denoiser: Denoiser) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every consecutive jump t → t−1 of the full schedule, with its path-KL/ELBO weight."""
+def all_jumps(denoiser: Denoiser, t_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every consecutive jump t → t−1 of the schedule up to ``t_max`` (default: all), with its path-KL/ELBO weight.
+
+    Pass the sampler's first step as ``t_max``: on a squared-cosine schedule the last index (ᾱ ≈ 0, capped β) alone
+    carries ~97 % of the ELBO weight, so sums over every index measure a step no sampler takes.
+    """
     T = denoiser.schedule.num_steps
-    t = torch.arange(T)
+    t = torch.arange(T if t_max is None else min(int(t_max) + 1, T))
     return t, t - 1, denoiser.schedule.path_kl_weight(t, t - 1)
 
 
@@ -36,13 +40,14 @@ def path_kl_terms(eps_p: torch.Tensor, eps_q: torch.Tensor, weight: torch.Tensor
 
 @torch.no_grad()
 def nelbo(denoiser: Denoiser, x0: torch.Tensor, cond: Any, adapted: bool, draws: int = 1,
-          t_min: int = 0, generator: torch.Generator | None = None, batch_t: int | None = None) -> torch.Tensor:
+          t_min: int = 0, generator: torch.Generator | None = None, batch_t: int | None = None,
+          t_max: int | None = None) -> torch.Tensor:
     """Monte-Carlo negative ELBO (up to a model-independent constant) of each sample in ``x0`` — shape (N,).
 
-    Every timestep ≥ ``t_min`` is visited ``draws`` times (stratified over t: lower variance than uniform t).
+    Every timestep in [``t_min``, ``t_max``] is visited ``draws`` times (stratified over t: lower variance than uniform t).
     Two calls with the same ``generator`` seed use the same noise, so their difference has low variance.
     """
-    t_all, s_all, c_all = all_jumps(denoiser)
+    t_all, s_all, c_all = all_jumps(denoiser, t_max)
     keep = t_all >= t_min
     t_all, s_all, c_all = t_all[keep], s_all[keep], c_all[keep]
     n = x0.shape[0]
@@ -61,9 +66,9 @@ def nelbo(denoiser: Denoiser, x0: torch.Tensor, cond: Any, adapted: bool, draws:
 
 @torch.no_grad()
 def log_ratio(denoiser: Denoiser, x0: torch.Tensor, cond: Any, ref: Any, adapted: bool = False, draws: int = 1,
-              t_min: int = 0, seed: int = 0, batch_t: int | None = None) -> torch.Tensor:
+              t_min: int = 0, seed: int = 0, batch_t: int | None = None, t_max: int | None = None) -> torch.Tensor:
     """r̂(x0) = log p(x0|cond) − log p(x0|ref) ≈ NELBO(x0|ref) − NELBO(x0|cond), with shared noise."""
     g1 = torch.Generator().manual_seed(seed)
     g2 = torch.Generator().manual_seed(seed)
-    return (nelbo(denoiser, x0, ref, adapted, draws, t_min, g1, batch_t)
-            - nelbo(denoiser, x0, cond, adapted, draws, t_min, g2, batch_t))
+    return (nelbo(denoiser, x0, ref, adapted, draws, t_min, g1, batch_t, t_max)
+            - nelbo(denoiser, x0, cond, adapted, draws, t_min, g2, batch_t, t_max))

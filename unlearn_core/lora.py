@@ -74,6 +74,9 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+# A full SDXL LoRA with both text encoders has ~2,500 tensors; dims and offsets fit in 2**53 in any real file.
+MAX_TENSORS = 100_000
+_MAX_SIZE = 2**53
 
 
 class LoraFormatError(ValueError):
@@ -599,9 +602,21 @@ def _atomic_write(path: Path, blob: bytes, overwrite: bool) -> None:
 def _read_header(path: Path, max_header_bytes: int) -> tuple[dict[str, Any], int, int]:
     """Parse and check a safetensors header without trusting it. Returns (header, header_len, file_size)."""
     if not path.is_file():
+        if path.is_dir():
+            raise LoraFormatError(f"{path}: is a folder, not a LoRA file — pick the .safetensors file inside it")
+        if path.exists():
+            raise LoraFormatError(f"{path}: is not a regular file — pick a .safetensors LoRA file")
         raise LoraFormatError(f"{path}: no such file")
-    size = path.stat().st_size
+    try:
+        header, n, size = _read_header_bytes(path, max_header_bytes)
+    except OSError as e:
+        raise LoraFormatError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    return header, n, size
+
+
+def _read_header_bytes(path: Path, max_header_bytes: int) -> tuple[dict[str, Any], int, int]:
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(9)
         n = int.from_bytes(head[:8], "little")
         looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 8 + n <= size
@@ -629,13 +644,54 @@ def _read_header(path: Path, max_header_bytes: int) -> tuple[dict[str, Any], int
         f.seek(8)
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_header_object)
+        if _SURROGATE_ESCAPE.search(text):  # rare: only then look at every string
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LoraFormatError(f"{path}: corrupted safetensors header: a string holds a lone UTF-16 surrogate "
+                              "(\\udXXX), which is not text — download or export it again") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LoraFormatError(f"{path}: not a safetensors file, or a corrupted one: its header is not valid JSON ({e})"
                               " — pick the .safetensors LoRA, or download it again") from None
+    except RecursionError:
+        raise LoraFormatError(f"{path}: corrupted safetensors header (JSON nested too deeply to be a safetensors "
+                              "header) — download or export it again") from None
+    except _HeaderError as e:
+        raise LoraFormatError(f"{path}: corrupted safetensors header: {e} — download or export it again") from None
     if not isinstance(header, dict):
         raise LoraFormatError(f"{path}: corrupted safetensors header (not a JSON object) — download or export it again")
     return header, n, size
+
+
+class _HeaderError(Exception):
+    """Raised inside ``json.loads`` by :func:`_header_object`."""
+
+
+def _header_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A header object, refusing duplicate keys: Python keeps the last, another reader may keep the first, so
+    the header checked here could differ from the one a loader uses."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _HeaderError(f"the key {_brief(dup)} appears twice")
+    return out
+
+
+# A JSON escape of a UTF-16 surrogate: fine in pairs, but a lone one decodes to a str that is not text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _brief(x: Any, n: int = 80) -> str:
+    """``repr(x)`` cut to ``n`` characters: header values quoted in messages may be megabytes long."""
+    r = repr(x)
+    return r if len(r) <= n else f"{r[:n]}… ({len(r)} chars)"
+
+
+def _one_line(text: str, n: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "…"
 
 
 def _check_metadata(path: Path, header: Mapping[str, Any], max_metadata_bytes: int) -> dict[str, str]:
@@ -649,27 +705,51 @@ def _check_metadata(path: Path, header: Mapping[str, Any], max_metadata_bytes: i
     return dict(md)
 
 
+def _is_size(x: Any) -> bool:
+    return type(x) is int and 0 <= x < _MAX_SIZE  # not bool, not float, not negative, not absurd
+
+
 def _check_layout(path: Path, header: Mapping[str, Any], n: int, size: int) -> None:
+    """Every tensor entry well-formed, and together they tile the data section exactly (no gap, no overlap)."""
     data_len = size - 8 - n
-    end_max = 0
-    for k, info in header.items():
-        if k == "__metadata__":
-            continue
+    entries = [(k, info) for k, info in header.items() if k != "__metadata__"]
+    if len(entries) > MAX_TENSORS:
+        raise LoraFormatError(f"{path}: the header lists {len(entries)} tensors, above the {MAX_TENSORS} of any LoRA "
+                              "— the file is corrupted or not a LoRA")
+    spans: list[tuple[int, int, str]] = []
+    for k, info in entries:
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise LoraFormatError(f"{path}: corrupted header entry for {k!r} — download or export the file again")
+            raise LoraFormatError(f"{path}: corrupted header entry for {_brief(k)} — download or export the file again")
         dt, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if (dt not in _ST_ITEMSIZE or not isinstance(shape, list) or not isinstance(offsets, list)
-                or len(offsets) != 2 or not all(isinstance(s, int) and s >= 0 for s in [*shape, *offsets])):
-            raise LoraFormatError(f"{path}: corrupted header entry for {k!r} (dtype {dt!r}, shape {shape})")
+        if not isinstance(dt, str) or dt not in _ST_ITEMSIZE:
+            raise LoraFormatError(f"{path}: corrupted header entry for {_brief(k)}: {_brief(dt)} is not a safetensors "
+                                  "dtype — download or export the file again")
+        if not isinstance(shape, list) or not all(_is_size(s) for s in shape):
+            raise LoraFormatError(f"{path}: corrupted header entry for {_brief(k)}: shape {_brief(shape)} is not a "
+                                  "list of sizes — download or export the file again")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(s) for s in offsets):
+            raise LoraFormatError(f"{path}: corrupted header entry for {_brief(k)}: data_offsets {_brief(offsets)} "
+                                  "is not a [begin, end] pair of byte offsets — download or export the file again")
         b, e = offsets
+        if e < b:
+            raise LoraFormatError(f"{path}: corrupted header entry for {_brief(k)}: data_offsets [{b}, {e}] end before "
+                                  "they begin — download or export the file again")
         if e - b != math.prod(shape) * _ST_ITEMSIZE[dt]:
-            raise LoraFormatError(f"{path}: corrupted header: {k!r} declares {e - b} bytes for shape {shape} {dt}")
+            raise LoraFormatError(f"{path}: corrupted header: {_brief(k)} declares {e - b} bytes for shape "
+                                  f"{_brief(shape)} {dt}")
         if e > data_len:
-            raise LoraFormatError(f"{path}: file is truncated: tensor {k!r} ends at byte {8 + n + e} but the file has "
-                                  f"{size} bytes — download or export it again")
-        end_max = max(end_max, e)
-    if end_max != data_len:
-        raise LoraFormatError(f"{path}: corrupted safetensors file: {data_len - end_max} bytes after the last tensor "
+            raise LoraFormatError(f"{path}: file is truncated: tensor {_brief(k)} ends at byte {8 + n + e} but the file "
+                                  f"has {size} bytes — download or export it again")
+        spans.append((b, e, k))
+    end = 0
+    for b, e, k in sorted(spans):
+        if b != end:
+            raise LoraFormatError(f"{path}: corrupted header: tensor {_brief(k)} starts at data byte {b} but the tensor "
+                                  f"before it ends at {end} (tensors {'overlap' if b < end else 'leave a gap'}) — "
+                                  "download or export the file again")
+        end = e
+    if end != data_len:
+        raise LoraFormatError(f"{path}: corrupted safetensors file: {data_len - end} bytes after the last tensor "
                               "— download or export it again")
 
 
@@ -682,26 +762,22 @@ def load_lora(
     """Read a kohya LoRA safetensors file, checking everything a loader could trip on (never unpickles).
 
     Raises :class:`LoraFormatError` for: not safetensors (pickles are refused unopened), truncated or corrupted
-    files, oversized headers/metadata, keys that are not kohya LoRA keys, missing halves of a pair, rank
-    mismatches, non-finite values. Text-encoder keys are kept aside in ``text_encoder_keys``.
+    files (bad header JSON, duplicate keys, tensors that overlap or leave gaps), oversized headers/metadata, keys
+    that are not kohya LoRA keys, missing halves of a pair, rank mismatches, non-finite values. The message is
+    one line naming the file. Text-encoder keys are kept aside in ``text_encoder_keys``.
     """
     path = Path(path)
     header, n, size = _read_header(path, max_header_bytes)
     metadata = _check_metadata(path, header, max_metadata_bytes)
     _check_layout(path, header, n, size)
 
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise LoraFormatError(f"{path}: could not read the tensors ({e}) — download or export the file again") from None
-
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    # Keys are judged from the header, before any tensor is read: a file that is not a LoRA costs nothing more.
+    groups: dict[str, dict[str, str]] = {}
     te_keys: list[str] = []
     unknown: list[str] = []
-    for k, t in tensors.items():
+    for k in header:
+        if k == "__metadata__":
+            continue
         if k.startswith(TEXT_ENCODER_PREFIXES):
             te_keys.append(k)
             continue
@@ -709,34 +785,53 @@ def load_lora(
         if m is None:
             unknown.append(k)
             continue
-        groups.setdefault(m.group(1), {})[m.group(2)] = t
+        groups.setdefault(m.group(1), {})[m.group(2)] = k
     if unknown:
         lyco = any(s in k for k in unknown for s in ("hada_", "lokr_", "dora_scale", ".diff", "lora_mid"))
         hint = (" — this looks like a LyCORIS (LoHa/LoKr/DoRA) file; only plain LoRA is supported"
                 if lyco else " — this is not a kohya-format LoRA (keys like lora_unet_<module>.lora_down.weight)")
-        raise LoraFormatError(f"{path}: {len(unknown)} keys are not kohya LoRA keys, e.g. {sorted(unknown)[:3]}{hint}")
+        raise LoraFormatError(f"{path}: {len(unknown)} keys are not kohya LoRA keys, e.g. "
+                              f"{', '.join(_brief(k) for k in sorted(unknown)[:3])}{hint}")
     if not groups:
         raise LoraFormatError(f"{path}: no UNet LoRA keys (lora_unet_…) in the file — it is empty, a text-encoder-only "
                               "LoRA, or not a LoRA")
 
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
+        # The header was checked above; what is left is the reader's own view (a dtype this torch lacks, a
+        # file changed on disk meanwhile).
+        raise LoraFormatError(f"{path}: could not read the tensors ({_one_line(str(e))}) — download or export the "
+                              "file again") from None
+    if tensors.keys() != header.keys() - {"__metadata__"}:
+        raise LoraFormatError(f"{path}: the tensors read differ from the header checked (was the file changed while "
+                              "it was read?) — try again")
+
     modules: dict[str, LoraModule] = {}
-    for key, parts in sorted(groups.items()):
+    for full_key, parts in sorted(groups.items()):
+        key = full_key if len(full_key) <= 120 else full_key[:120] + "…"  # for messages
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             have = "lora_up" if "lora_up.weight" in parts else "lora_down" if "lora_down.weight" in parts else "alpha"
             raise LoraFormatError(f"{path}: {key} has only {have}; a LoRA module needs both lora_down and lora_up "
                                   "— the file is incomplete, export it again")
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        down, up = tensors[parts["lora_down.weight"]], tensors[parts["lora_up.weight"]]
         for name, t in (("lora_down", down), ("lora_up", up)):
             if t.dtype not in _ST_DTYPES.values():
                 raise LoraFormatError(f"{path}: {key}.{name} has dtype {t.dtype}; LoRA weights must be floating point")
             if t.dim() not in (2, 4):
                 raise LoraFormatError(f"{path}: {key}.{name} has shape {list(t.shape)}; expected 2-D (linear) or "
                                       "4-D (conv) weights")
+        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+            raise LoraFormatError(f"{path}: {key}.lora_up has shape {list(up.shape)}; a conv LoRA's lora_up must be "
+                                  "[out, rank, 1, 1] — the file is corrupted or not a plain LoRA")
         if down.shape[0] != up.shape[1] or down.shape[0] == 0:
             raise LoraFormatError(f"{path}: {key}: shape mismatch — lora_down {list(down.shape)} has rank "
                                   f"{down.shape[0]} but lora_up {list(up.shape)} has rank {up.shape[1]}; the file is "
                                   "corrupted")
-        alpha_t = parts.get("alpha")
+        alpha_t = tensors[parts["alpha"]] if "alpha" in parts else None
         if alpha_t is None:
             alpha = float(down.shape[0])  # kohya convention: no alpha means scale 1
         else:
@@ -750,7 +845,7 @@ def load_lora(
             if not bool(torch.isfinite(t).all()):
                 raise LoraFormatError(f"{path}: {key}.{name} holds NaN or inf values — the LoRA is broken (training "
                                       "diverged or the file is corrupted); do not use it")
-        modules[key] = LoraModule(down=down, up=up, alpha=alpha)
+        modules[full_key] = LoraModule(down=down, up=up, alpha=alpha)
     return LoraFile(modules=modules, metadata=metadata, path=path, text_encoder_keys=sorted(te_keys))
 
 
@@ -803,9 +898,16 @@ def match_lora(lora: LoraFile, unet: nn.Module) -> dict[str, tuple[nn.Module, Lo
                    "use a LoRA trained on this model family")
         else:
             msg = (f"{where}: {len(missing)} of {total} LoRA keys name no module of this UNet "
-                   f"({_family_title(model_family)}), e.g. {missing[:3]}; {len(matched)} match — the LoRA was made "
+                   f"({_family_title(model_family)}), e.g. {', '.join(_brief(k) for k in missing[:3])}; "
+                   f"{len(matched)} match — the LoRA was made "
                    "for a different architecture; use one trained on this model")
         raise LoraFormatError(msg)
+    patched_by: dict[str, str] = {}
+    for key, name in matched.items():
+        if name in patched_by:  # e.g. one key under the diffusers name, one under the LDM name
+            raise LoraFormatError(f"{where}: {patched_by[name]} and {key} both patch {name}; a LoRA patches each module "
+                                  "once — the file is corrupted or two LoRAs were merged wrongly; export it again")
+        patched_by[name] = key
     out: dict[str, tuple[nn.Module, LoraModule]] = {}
     for key, name in matched.items():
         mod, lm = mods[name], lora.modules[key]
@@ -851,18 +953,32 @@ def apply_lora(unet: nn.Module, lora: LoraFile | str | os.PathLike, strength: fl
 
     Each weight becomes ``W + strength · (alpha/r) · B A`` — linear in ``strength``. The original weights are
     kept so :meth:`AppliedLora.strip` (or :func:`strip_lora`) gives back the base model bit for bit; strip
-    stacked LoRAs in reverse order. Nothing is changed if any key or shape does not match.
+    stacked LoRAs in reverse order. All or nothing: keys and shapes are checked before any weight changes, and
+    if a patched weight would become non-finite (a finite but absurd alpha or weight overflows the model's
+    dtype) or anything else fails midway, the weights already changed are restored before the error is raised.
     """
+    strength = float(strength)
+    if not math.isfinite(strength):
+        raise ValueError(f"LoRA strength must be a finite number, got {strength}")
     if not isinstance(lora, LoraFile):
         lora = load_lora(lora)
     pairs = match_lora(lora, unet)
     originals: dict[str, tuple[nn.Module, torch.Tensor]] = {}
-    with torch.no_grad():
-        for name, (mod, lm) in pairs.items():
-            w = mod.weight
-            originals[name] = (mod, w.detach().clone())
-            delta = lm.delta(w.shape, dtype=torch.float32).to(w.device)
-            w.copy_((w.float() + float(strength) * delta).to(w.dtype))
+    try:
+        with torch.no_grad():
+            for name, (mod, lm) in pairs.items():
+                w = mod.weight
+                delta = lm.delta(w.shape, dtype=torch.float32).to(w.device)
+                new = (w.float() + strength * delta).to(w.dtype)
+                if not bool(torch.isfinite(new).all()) and bool(torch.isfinite(w).all()):
+                    raise LoraFormatError(
+                        f"{lora.describe()}: at strength {strength:g} the LoRA makes {name} NaN or inf (its ΔW "
+                        f"overflows {w.dtype}) — the LoRA is broken (absurd alpha or weights); do not use it")
+                originals[name] = (mod, w.detach().clone())
+                w.copy_(new)
+    except BaseException:
+        AppliedLora(originals, strength).strip()
+        raise
     log.info("applied LoRA %s to %d modules at strength %g", lora.describe(), len(pairs), strength)
     return AppliedLora(originals, float(strength))
 
@@ -890,30 +1006,25 @@ def format_metadata(lora: LoraFile) -> str:
         lines.append("unlearning")
         lines.append(f"  {'method:':<12}{md['unlearn.method']}")
         for key, label in (("unlearn.concepts", "concepts"), ("unlearn.anchors", "anchors")):
-            if key in md:
-                with contextlib.suppress(ValueError):
-                    lines.append(f"  {label + ':':<12}{', '.join(map(str, json.loads(md[key]))) or '-'}")
+            names = _json_field(md, key, list)
+            if names is not None:
+                lines.append(f"  {label + ':':<12}{', '.join(map(str, names)) or '-'}")
         for key, label in (("unlearn.steps", "steps"), ("unlearn.seed", "seed"), ("unlearn.lora_targets", "targets"),
                            ("unlearn.base_model_hash", "base model"), ("unlearn.version", "made with")):
             if key in md:
                 lines.append(f"  {label + ':':<12}{md[key]}")
-        if "unlearn.constraints" in md:
-            try:
-                rows = json.loads(md["unlearn.constraints"])
-            except ValueError:
-                rows = []
-            if rows:
-                lines.append("  constraints:")
-                lines.append(f"    {'name':<20} {'requested':>12} {'achieved':>12} {'final λ':>10}")
-                for r in rows:
-                    lines.append(f"    {r.get('name', '?')!s:<20} {_cell(r.get('requested')):>12} "
-                                 f"{_cell(r.get('achieved')):>12} {_cell(r.get('lambda')):>10}"
-                                 + (f"  {r['units']}" if r.get("units") else ""))
-        if "unlearn.evaluation" in md:
-            with contextlib.suppress(ValueError):
-                ev = json.loads(md["unlearn.evaluation"])
-                lines.append("  evaluation:")
-                lines.extend(f"    {k}: {_cell(v)}" for k, v in ev.items())
+        rows = [r for r in _json_field(md, "unlearn.constraints", list) or [] if isinstance(r, dict)]
+        if rows:
+            lines.append("  constraints:")
+            lines.append(f"    {'name':<20} {'requested':>12} {'achieved':>12} {'final λ':>10}")
+            for r in rows:
+                lines.append(f"    {r.get('name', '?')!s:<20} {_cell(r.get('requested')):>12} "
+                             f"{_cell(r.get('achieved')):>12} {_cell(r.get('lambda')):>10}"
+                             + (f"  {r['units']}" if r.get("units") else ""))
+        ev = _json_field(md, "unlearn.evaluation", dict)
+        if ev is not None:
+            lines.append("  evaluation:")
+            lines.extend(f"    {k}: {_cell(v)}" for k, v in ev.items())
     lines.append("")
     lines.append("kohya")
     lines.extend(f"  {k}: {md[k]}" for k in _KOHYA_SHOWN if k in md)
@@ -923,7 +1034,26 @@ def format_metadata(lora: LoraFile) -> str:
         lines.append("")
         lines.append("other metadata")
         lines.extend(f"  {k}: {_short(md[k])}" for k in rest)
-    return "\n".join(lines)
+    # Metadata comes from whoever made the file: escape control characters (ANSI sequences, newlines, bidi
+    # overrides) so it cannot rewrite the terminal or fake lines of this summary.
+    return "\n".join(_printable(line) for line in lines)
+
+
+def _json_field(md: Mapping[str, str], key: str, kind: type) -> Any:
+    """``md[key]`` parsed as JSON if it is a ``kind``, else None (metadata is the file's word, not ours)."""
+    if key not in md:
+        return None
+    try:
+        value = json.loads(md[key])
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _cell(v: Any) -> str:
@@ -952,7 +1082,7 @@ def _inspect_main(args: argparse.Namespace) -> int:
     try:
         lora = load_lora(args.file)
     except LoraFormatError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_printable(str(e))}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(lora.metadata, indent=2, sort_keys=True))

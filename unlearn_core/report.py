@@ -93,7 +93,7 @@ def sample_grid_png(rows: Sequence[tuple[str, torch.Tensor]], path: Path, title:
 
 def training_curves_png(history: Sequence[dict], thresholds: Sequence[float], names: Sequence[str], path: Path,
                         keep_names: Sequence[str] = (), keep_threshold: float | None = None,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, units: str = "path KL to the concept (nats)") -> Path:
     """λ (and retention μ) vs step, and each constraint estimate vs step against its threshold."""
     plt = _plt()
     duals = [h for h in history if "lambda" in h]
@@ -113,7 +113,7 @@ def training_curves_png(history: Sequence[dict], thresholds: Sequence[float], na
     a1.set_ylabel("dual variable")
     a1.set_title("λ (forget) and μ (retention)")
     a2.set_xlabel("step")
-    a2.set_ylabel("path KL to the concept (nats)")
+    a2.set_ylabel(units)
     a2.set_title("constraint vs step (dashed: requested)")
     for a in (a1, a2):
         if a.get_legend_handles_labels()[0]:

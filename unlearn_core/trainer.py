@@ -13,6 +13,7 @@ Every ``dual_every`` steps each constraint is estimated, smoothed, and its λ ta
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -184,6 +185,10 @@ class TrainConfig:
     # the anchor's distribution, which already meets a threshold of 1× the separation), so the dual ascent then
     # starts from trajectories like the ones it will end on instead of the concept's own.
     dual_warmup: float = 0.0
+    # Every ``checkpoint_every`` steps (0: never) the trainer hands its whole state to ``on_checkpoint`` (see
+    # Trainer.state_dict); the interval is rounded up to a multiple of dual_every and refresh_every, where the
+    # state is smallest (no half-accumulated dual statistics, trajectories about to be re-drawn).
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "dual_every", "rollouts", "refresh_every", "estimate_samples"):
@@ -206,6 +211,24 @@ class TrainConfig:
             raise ValueError(f"dual_warmup must be in [0, 1 − polish_fraction), got {self.dual_warmup!r}")
         if not (0.0 < self.lr_final_ratio <= 1.0):
             raise ValueError(f"lr_final_ratio must be in (0, 1], got {self.lr_final_ratio!r}")
+        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
+            raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """``checkpoint_every`` rounded up to a multiple of dual_every and refresh_every (0: no checkpoints)."""
+        if self.checkpoint_every == 0:
+            return 0
+        unit = math.lcm(self.dual_every, self.refresh_every)
+        return -(-self.checkpoint_every // unit) * unit
+
+    def fingerprint(self) -> dict:
+        """The options a resumed run must share with the run that wrote the checkpoint."""
+        out = {}
+        for k, v in dataclasses.asdict(self).items():
+            if k != "checkpoint_every":
+                out[k] = v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+        return out
 
 
 @dataclass
@@ -251,8 +274,10 @@ class Trainer:
     """
 
     def __init__(self, denoiser: Denoiser, problem: Problem, config: TrainConfig | None = None,
-                 callbacks: Sequence[Callable[[dict], None]] = (), should_stop: Callable[[], bool] | None = None):
+                 callbacks: Sequence[Callable[[dict], None]] = (), should_stop: Callable[[], bool] | None = None,
+                 on_checkpoint: Callable[[dict], None] | None = None):
         self.d = denoiser
+        self.on_checkpoint = on_checkpoint
         self.p = problem
         self.cfg = config or TrainConfig()
         self.callbacks = list(callbacks)
@@ -362,17 +387,18 @@ class Trainer:
                     per_term_cal.append(sep)  # λ = 0 gives p = p(anchor)
                 else:
                     r = log_ratio(self.d, final[:n], term["concept"], term["ref"], adapted=False,
-                                  draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min, seed=self.cfg.seed)
+                                  draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min,
+                                  t_max=self.cfg.rollout_t_max, seed=self.cfg.seed)
                     per_term_cal.append(float(r.mean()))
             self.calibration = self._per_constraint(per_term_cal)
             self.separation = self._per_constraint(per_term_sep)
         else:
             f = self.p.data.forget
             base = nelbo(self.d, f, self.data_cond, adapted=False, draws=self.cfg.estimate_draws,
+                         t_max=self.cfg.rollout_t_max,
                          generator=torch.Generator().manual_seed(self.cfg.seed))
             self.calibration.append(0.0)  # the increase of the forget-set KL is 0 at the frozen model
             self.separation.append(float(base.mean()))
-            self._forget_base_nelbo = base
         self._emit({"type": "calibration", "calibration": self.calibration, "separation": self.separation})
         return self.calibration
 
@@ -486,7 +512,8 @@ class Trainer:
         """LU likelihood form: r̂ = exp(log-ratio) at the predicted clean sample x̂0 (clipped for stability)."""
         x0 = self.d.schedule.predict_x0(x, t, eps_anchor).clamp(-10, 10)
         r = log_ratio(self.d, x0, term["concept"], term["ref"], adapted=False, draws=1,
-                      t_min=self.cfg.kl_t_min, seed=int(torch.randint(2**31, (1,), generator=self.gen)))
+                      t_min=self.cfg.kl_t_min, t_max=self.cfg.rollout_t_max,
+                      seed=int(torch.randint(2**31, (1,), generator=self.gen)))
         return r.clamp(-20, 5).exp().float()
 
     def _data_loss(self, step: int, stats: dict) -> torch.Tensor:
@@ -498,6 +525,8 @@ class Trainer:
         xf = data.forget[torch.randint(len(data.forget), (b,), generator=self.gen)]
         t = torch.randint(T, (b,), generator=self.gen)
         c_t = sched.path_kl_weight(t, t - 1).float()
+        if cfg.rollout_t_max is not None:  # the ELBO counts the steps a sampler takes (see estimate.all_jumps)
+            c_t = torch.where(t <= cfg.rollout_t_max, c_t, torch.zeros_like(c_t))
         if self.spec.objective == "siss":
             s = 0.5
             pick = (torch.rand(b, generator=self.gen) < s).reshape(-1, *([1] * (xr.dim() - 1)))
@@ -557,39 +586,52 @@ class Trainer:
                     out.append(tot / n_term)
                 else:
                     r = log_ratio(self.d, states[-1], term["concept"], term["ref"], adapted=False,
-                                  draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min, seed=self.cfg.seed + 1)
+                                  draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min,
+                                  t_max=self.cfg.rollout_t_max, seed=self.cfg.seed + 1)
                     out.append(float(r.mean()))
             out = self._per_constraint(out)
         else:
             f = self.p.data.forget
             g1, g2 = (torch.Generator().manual_seed(self.cfg.seed + 7) for _ in range(2))
             draws = max(self.cfg.estimate_draws, 2)
-            adapted = nelbo(self.d, f, self.data_cond, adapted=True, draws=draws, generator=g1)
-            base = nelbo(self.d, f, self.data_cond, adapted=False, draws=draws, generator=g2)
+            adapted = nelbo(self.d, f, self.data_cond, adapted=True, draws=draws, generator=g1,
+                            t_max=self.cfg.rollout_t_max)
+            base = nelbo(self.d, f, self.data_cond, adapted=False, draws=draws, generator=g2,
+                         t_max=self.cfg.rollout_t_max)
             out.append(float((adapted - base).mean()))
         return out
 
     # -------------------------------------------------------------------- loop
-    def run(self) -> TrainResult:
+    def run(self, resume: dict | None = None) -> TrainResult:
+        """Train. ``resume``: a state from :meth:`state_dict` (a checkpoint); the run then continues where that
+        one stopped and, on the same machine and software, reproduces the uninterrupted run."""
         t0 = time.perf_counter()
         cfg = self.cfg
-        if not self.calibration:
-            self.calibrate()
-        self._make_constraints()
         history: list[dict] = []
         events: list[dict] = []
-        good = self._snapshot()
+        first, elapsed = 0, 0.0
+        if resume is not None:
+            first, history, events, elapsed = self.load_state_dict(resume)
+        else:
+            if not self.calibration:
+                self.calibrate()
+            self._make_constraints()
+        good = self._snapshot(first - 1)
         bad_in_a_row = 0
         stats: dict = {}
         cancelled = False
-        step = 0
+        step = first - 1
         polish_start = cfg.steps - int(round(cfg.polish_fraction * cfg.steps))
-        polished = cfg.polish_fraction == 0.0
+        polished = cfg.polish_fraction == 0.0 or first > polish_start
         warmup = int(round(cfg.dual_warmup * cfg.steps))
-        for step in range(cfg.steps):
+        every = cfg.checkpoint_interval
+        for step in range(first, cfg.steps):
             if self.should_stop():
                 cancelled = True
+                step -= 1
                 break
+            if every and self.on_checkpoint is not None and step > first and step % every == 0:
+                self.on_checkpoint(self.state_dict(step, history, events, elapsed + time.perf_counter() - t0))
             if cfg.lr_final_ratio < 1.0:
                 frac = 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps - 1, 1)))
                 for group in self.opt.param_groups:
@@ -632,10 +674,10 @@ class Trainer:
             self._emit({"type": "step", **rec, "total": cfg.steps})
         final = self.estimate_constraints()
         res = TrainResult(
-            method=self.p.method, steps_done=step + (0 if cancelled else 1), cancelled=cancelled,
+            method=self.p.method, steps_done=step + 1, cancelled=cancelled,
             lambdas=[c.dual.value for c in self.constraints], thresholds=[c.threshold for c in self.constraints],
             calibration=list(self.calibration), separation=list(self.separation), final_estimates=final,
-            history=history, events=events, seconds=time.perf_counter() - t0)
+            history=history, events=events, seconds=elapsed + time.perf_counter() - t0)
         self._emit({"type": "done", "lambdas": res.lambdas, "final_estimates": final, "cancelled": cancelled})
         return res
 
@@ -660,7 +702,8 @@ class Trainer:
             for term in self.terms:
                 x0 = term["buf"].final
                 r = log_ratio(self.d, x0, term["concept"], term["ref"], adapted=False, draws=1,
-                              t_min=self.cfg.kl_t_min, seed=int(torch.randint(2**31, (1,), generator=self.gen)))
+                              t_min=self.cfg.kl_t_min, t_max=self.cfg.rollout_t_max,
+                              seed=int(torch.randint(2**31, (1,), generator=self.gen)))
                 per_term.append(float(r.mean()))
             stats["est"] = [[v] for v in self._per_constraint(per_term)]
         ests = [sum(v) / len(v) for v in stats.get("est", [])]
@@ -674,6 +717,53 @@ class Trainer:
             rec["keep_mu"] = [c.update(e) for c, e in zip(self.keep_constraints, kests)]
             rec["keep_estimate"] = kests
         self._emit({"type": "dual", **rec})
+
+    # -------------------------------------------------------------------- checkpoints
+    def state_dict(self, step: int, history: list[dict], events: list[dict], seconds: float) -> dict:
+        """Everything the loop needs to continue at ``step`` (taken at a checkpoint boundary: no pending dual
+        statistics, trajectories re-drawn by the next step). Tensors, numbers, strings, lists and dicts only, so
+        ``torch.load(weights_only=True)`` reads it back."""
+        return {"format": "comfyui-unlearn/trainer-state", "version": 1, "step": step, "seconds": seconds,
+                "method": self.p.method, "config": self.cfg.fingerprint(),
+                "adapter": self.d.adapter_state(), "opt": self.opt.state_dict(),
+                "duals": [{**c.dual.state_dict(), "frozen": c.dual.frozen, "threshold": c.threshold,
+                           "last_estimate": c.last_estimate} for c in self.constraints],
+                "keep_duals": [{**c.dual.state_dict(), "frozen": c.dual.frozen, "threshold": c.threshold,
+                                "last_estimate": c.last_estimate} for c in self.keep_constraints],
+                "calibration": list(self.calibration), "separation": list(self.separation),
+                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "warned_dominance": self._warned_dominance,
+                "history": copy.deepcopy(history), "events": copy.deepcopy(events)}
+
+    def load_state_dict(self, state: dict) -> tuple[int, list[dict], list[dict], float]:
+        """Restore a :meth:`state_dict`; returns (next step, history, events, seconds so far). Refuses a state
+        written for another method or configuration (the resumed run would not be the same run)."""
+        if state.get("format") != "comfyui-unlearn/trainer-state" or state.get("version") != 1:
+            raise ValueError("not a ComfyUI-Unlearn trainer checkpoint (or one from an incompatible version)")
+        if state["method"] != self.p.method:
+            raise ValueError(f"the checkpoint is for method {state['method']!r}, this run is {self.p.method!r}")
+        mine = self.cfg.fingerprint()
+        diff = sorted(k for k in set(mine) | set(state["config"]) if mine.get(k) != state["config"].get(k))
+        if diff:
+            raise ValueError("the checkpoint was written with other training options: "
+                             + ", ".join(f"{k} {state['config'].get(k)!r} → {mine.get(k)!r}" for k in diff[:6]))
+        self.calibration, self.separation = list(state["calibration"]), list(state["separation"])
+        self._make_constraints()
+        if len(state["duals"]) != len(self.constraints) or len(state["keep_duals"]) != len(self.keep_constraints):
+            raise ValueError("the checkpoint has a different number of constraints than this problem")
+        for c, d in zip(self.constraints + self.keep_constraints, state["duals"] + state["keep_duals"]):
+            if not math.isclose(c.threshold, d["threshold"], rel_tol=1e-9, abs_tol=1e-12):
+                raise ValueError(f"constraint {c.name!r}: the checkpoint's threshold {d['threshold']:.6g} differs "
+                                 f"from this run's {c.threshold:.6g}")
+            c.dual.load_state_dict(d)
+            c.dual.frozen = bool(d["frozen"])
+            c.last_estimate = d["last_estimate"]
+        self.d.load_adapter_state(state["adapter"])
+        self.opt.load_state_dict(state["opt"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self._warned_dominance = bool(state["warned_dominance"])
+        return int(state["step"]), list(state["history"]), list(state["events"]), float(state["seconds"])
 
     def _snapshot(self, step: int = -1) -> dict:
         return {"step": step, "adapter": self.d.adapter_state(),

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import io
 import logging
 import math
 import os
@@ -106,6 +108,8 @@ class UnlearnJob:
     eval_samples: int = 16
     weight: float | None = None
     name: str = ""
+    checkpoint_every: int = 20
+    resume: bool = False
 
     @property
     def kind(self) -> str:
@@ -118,6 +122,18 @@ class UnlearnJob:
     @property
     def partial_path(self) -> Path:
         return self.out / f"{self.name}.partial.safetensors"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / f"{self.name}.checkpoint.pt"
+
+    def fingerprint(self) -> dict:
+        """The options that decide what is trained (not where it goes or how it is reported), and the training
+        defaults (``--set``) in force: a checkpoint resumes only a run with the same fingerprint."""
+        skip = {"out", "overwrite", "resume", "checkpoint_every", "eval_samples", "device"}
+        fp = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+        fp["defaults"] = dict(DEFAULTS)
+        return fp
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -229,7 +245,9 @@ def job_from_args(args: argparse.Namespace) -> UnlearnJob:
     job = UnlearnJob(out=Path(args.out), method=method, anchor=anchor, steps=args.steps, rank=args.rank,
                      targets=args.targets, lr=args.lr, seed=args.seed, device=args.device, model=args.model or "demo",
                      overwrite=args.overwrite, eval_samples=args.eval_samples, weight=args.weight,
-                     caption=args.caption or "")
+                     caption=args.caption or "", checkpoint_every=args.checkpoint_every, resume=args.resume)
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {args.checkpoint_every}")
     if args.threshold is not None and args.threshold_raw is not None:
         raise ValueError("give --threshold (a multiple of the calibrated separation) or --threshold-raw, not both")
     if args.threshold_raw is not None:
@@ -398,7 +416,7 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
                       lam_max=d["fu_lam_max"] if job.method == "fu" else None)
     config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["fu_batch"], dual_every=10, dual_lr=d["dual_lr"],
                          dual_smoothing=0.5, estimate_samples=d["estimate_samples"],
-                         estimate_draws=d["fu_estimate_draws"], seed=job.seed)
+                         estimate_draws=d["fu_estimate_draws"], seed=job.seed, rollout_t_max=sampler_start(model))
     return problem, config
 
 
@@ -415,7 +433,12 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
     from .trainer import Trainer
 
     t0 = time.perf_counter()
-    check_output_folder(job.out, [job.lora_path.name, "metrics.json", "report.html"], job.overwrite)
+    state = read_checkpoint(job) if job.resume else None
+    if job.resume and state is None:
+        _say(quiet, f"--resume: no checkpoint in {job.out}; starting from step 0")
+    # the outputs of the run a checkpoint belongs to (killed while saving them) are this run's to replace
+    check_output_folder(job.out, [job.lora_path.name, "metrics.json", "report.html"],
+                        job.overwrite or state is not None)
     torch.manual_seed(job.seed)
     model, judge = load_model(job)
     base_hash = model_hash(model.unet.state_dict())
@@ -427,10 +450,23 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
     _say(quiet, f"{job.method.upper()}: unlearning {', '.join(repr(n) for n in names)} "
                 f"({'wordings: ' + str(sum(len(w) for w in job.concepts)) + ', ' if job.concepts else ''}"
                 f"kept prompts: {len(job.keep)}) for {job.steps} steps → {job.out}")
+    if state is not None:
+        _say(quiet, f"resuming from the checkpoint at step {state['step']}/{job.steps}")
+    fingerprint = job.fingerprint()
+
+    def save_checkpoint(st: dict) -> None:
+        from .lora import _atomic_write
+
+        buf = io.BytesIO()
+        torch.save({**st, "job": fingerprint}, buf)
+        _atomic_write(job.checkpoint_path, buf.getvalue(), overwrite=True)
+
+    config.checkpoint_every = job.checkpoint_every
     with _Interrupt() as intr:
-        trainer = Trainer(denoiser, problem, config, callbacks=[bar, *callbacks], should_stop=lambda: intr.stop)
+        trainer = Trainer(denoiser, problem, config, callbacks=[bar, *callbacks], should_stop=lambda: intr.stop,
+                          on_checkpoint=save_checkpoint)
         try:
-            res = trainer.run()
+            res = trainer.run(resume=state)
         finally:
             bar.close()
     units = "nats (path KL)" if problem.spec.constraint == "path_kl" else (
@@ -452,9 +488,11 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
                                  "threshold": job.threshold, "model": job.model, "cancelled": res.cancelled})
     if res.cancelled:
         path = denoiser.export_lora(job.partial_path, metadata=md, overwrite=True)
-        _say(quiet, f"stopped at step {res.steps_done}/{job.steps}; kept the last good LoRA as {path}")
+        _say(quiet, f"stopped at step {res.steps_done}/{job.steps}; kept the last good LoRA as {path}"
+                    + (f"; rerun with --resume to continue from {job.checkpoint_path.name}"
+                       if job.checkpoint_path.exists() else ""))
         raise KeyboardInterrupt(f"stopped at step {res.steps_done}")
-    lora = denoiser.export_lora(job.lora_path, metadata=md, overwrite=job.overwrite)
+    lora = denoiser.export_lora(job.lora_path, metadata=md, overwrite=job.overwrite or state is not None)
     with contextlib.suppress(FileNotFoundError):
         job.partial_path.unlink()  # a finished run replaces an older interrupted one
     train_seconds = res.seconds
@@ -464,7 +502,9 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
                      "anchor": job.anchor, "keep": job.keep, "threshold": job.threshold,
                      "threshold_mode": job.threshold_mode, "steps": res.steps_done, "seed": job.seed,
                      "constraints": constraints, "keep_constraints": keep_rows,
-                     "train_seconds": round(train_seconds, 1), "settled": settled(res.history, problem.lam_hi)}
+                     "train_seconds": round(train_seconds, 1), "settled": settled(res.history, problem.lam_hi),
+                     "dual_history": [{k: h[k] for k in ("step", "lambda", "estimate", "keep_mu", "polished") if k in h}
+                                      for h in res.history if "lambda" in h]}
     evaluation = None
     figures: list[tuple[str, str]] = []
     if judge is not None and job.kind == "concept" and job.eval_samples >= 2:
@@ -485,7 +525,7 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
     from .report import requested_vs_achieved_png, training_curves_png, write_json_atomic, write_report
 
     training_curves_png(res.history, res.thresholds, names, job.out / "training.png",
-                        keep_names=[k["name"] for k in keep_rows], overwrite=True)
+                        keep_names=[k["name"] for k in keep_rows], overwrite=True, units=units)
     requested_vs_achieved_png(constraints, job.out / "constraints.png", overwrite=True)
     figures = [("λ, μ and the constraint vs step", "training.png"),
                ("requested vs achieved", "constraints.png")] + figures
@@ -500,7 +540,35 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
     write_report(job.out / "report.html", title=f"Unlearning {', '.join(names)} ({job.method.upper()})",
                  summary=summary, constraints=constraints, metrics=evaluation if job.kind == "concept" else None,
                  figures=figures, overwrite=True)
+    with contextlib.suppress(FileNotFoundError):
+        job.checkpoint_path.unlink()  # every output is written: nothing left to resume
     return metrics
+
+
+def read_checkpoint(job: UnlearnJob) -> dict | None:
+    """The training state saved in ``job.out`` for this job, or None if there is none. A checkpoint that cannot be
+    read, or that belongs to a run with other options, is an error (never silently replaced by a fresh run)."""
+    path = job.checkpoint_path
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ValueError(f"cannot read the checkpoint {path} ({type(e).__name__}); delete it to start afresh") from None
+    if not isinstance(state, dict) or "job" not in state or "step" not in state:
+        raise ValueError(f"{path} is not a ComfyUI-Unlearn checkpoint; delete it to start afresh")
+    mine = job.fingerprint()
+    theirs = state["job"]
+    diff = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    if diff:
+        detail = "; ".join(f"{k}: {theirs.get(k)!r} → {mine.get(k)!r}" for k in diff if k != "defaults")
+        if "defaults" in diff:
+            d0, d1 = theirs.get("defaults", {}), mine["defaults"]
+            detail += ("; " if detail else "") + "; ".join(
+                f"--set {k}: {d0.get(k)!r} → {d1.get(k)!r}" for k in sorted(set(d0) | set(d1)) if d0.get(k) != d1.get(k))
+        raise ValueError(f"the checkpoint {path} belongs to a run with other options ({detail}); rerun with the "
+                         "same options, or delete it to start afresh")
+    return state
 
 
 def settled(history: list[dict], lam_hi: float) -> dict:
@@ -600,6 +668,11 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--eval-samples", type=int, default=DEFAULTS["eval_samples"],
                    help="samples per prompt for the report's metrics (0: skip the evaluation)")
     g.add_argument("--quiet", action="store_true", help="no progress bar; print only the final JSON line")
+    g.add_argument("--checkpoint-every", type=int, default=20, metavar="N",
+                   help="save the whole training state to <out>/<name>.checkpoint.pt every N steps (rounded up to "
+                        "whole dual/refresh periods; 0: never); removed when the run finishes")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (same options required; without one: start afresh)")
     p.set_defaults(func=_unlearn_main)
     return p
 
