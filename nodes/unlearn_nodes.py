@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io as _bytes_io
 import logging
 import re
+import struct
+import weakref
 from pathlib import Path
 
 import comfy.model_management
@@ -143,7 +146,9 @@ class UnlearnConcept(io.ComfyNode):
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
                                tooltip="Adam learning rate of the LoRA."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed for the LoRA initialisation and the sampled trajectories."),
+                             tooltip="Seed for the LoRA initialisation and the sampled trajectories. The same "
+                                     "inputs and seed train the same LoRA, so re-queuing reuses the cached one; "
+                                     "'randomize' / 'increment' train a new one on every queue."),
                 io.Int.Input("width", default=512, min=64, max=4096, step=64,
                              tooltip="Image width the trajectories are sampled at (SDXL: 1024)."),
                 io.Int.Input("height", default=512, min=64, max=4096, step=64,
@@ -256,11 +261,11 @@ class UnlearnData(io.ComfyNode):
                                tooltip="FU: forward-KL constrained — the forget images must become unlikely by "
                                        "'threshold', with λ found by the trainer; NegGrad: retain loss − weight × "
                                        "forget loss; SISS: importance-sampled mixture with a fixed λ = weight."),
-                io.Float.Input("threshold", default=1.0, min=0.001, max=1000.0, step=0.01,
+                io.Float.Input("threshold", default=0.1, min=0.001, max=1000.0, step=0.01,
                                tooltip="FU: how much worse the model must become at denoising the forget images — "
-                                       "the required increase of their negative ELBO, as a multiple of its value "
-                                       "under the original model (1.0 = double it). NegGrad / SISS only report "
-                                       "against it."),
+                                       "the required increase of their negative ELBO, as a fraction of its value "
+                                       "under the original model (0.1 = raise it by 10 %; 1.0 = double it). "
+                                       "NegGrad / SISS only report against it."),
                 io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Training steps."),
                 io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank."),
                 io.Combo.Input("targets", options=list(TARGET_PRESETS), default="attn",
@@ -270,7 +275,9 @@ class UnlearnData(io.ComfyNode):
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
                                tooltip="Adam learning rate of the LoRA."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed for the LoRA initialisation, the noise draws and the retain samples."),
+                             tooltip="Seed for the LoRA initialisation, the noise draws and the retain samples. "
+                                     "The same inputs and seed train the same LoRA, so re-queuing reuses the cached "
+                                     "one; 'randomize' / 'increment' train a new one on every queue."),
                 io.Int.Input("batch", default=4, min=1, max=256,
                              tooltip="Retain and forget samples per step (each)."),
                 io.Float.Input("weight", default=0.5, min=0.0, max=0.95, step=0.01,
@@ -388,6 +395,75 @@ def loras_dir() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
 
 
+# ---------------------------------------------------------------------------------------------------- caching
+# ComfyUI reuses a node's cached outputs while its cache key is unchanged: its constant inputs, its ancestors' keys
+# and what ``fingerprint_inputs`` returns (computed before the prompt runs, from constant inputs only — linked
+# inputs arrive as None). The trainers are deterministic in their inputs and seed, so a cached LoRA is the LoRA a
+# re-run would train: they define no fingerprint. Save and Apply also depend on a file, which the key cannot see;
+# their fingerprints below make a change on disk a change of the key.
+_ALWAYS_RUN = float("nan")  # NaN ≠ NaN: a key holding it never matches an earlier one
+_INTACT = "intact"  # Save: the target is what this node leaves behind (not written yet, or as it wrote it)
+_HEADER_CAP = 1 << 20
+
+
+def _stat_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _header_digest(path: Path) -> str:
+    """SHA-256 of a .safetensors file's header (its JSON: names, shapes, offsets, the unlearn.* metadata), or of the
+    first MiB of any other file: catches a same-size replacement within the file system's mtime granularity."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        rest = f.read(n if 0 < n <= _HEADER_CAP else _HEADER_CAP - len(head))
+    return hashlib.sha256(head + rest).hexdigest()
+
+
+def lora_file_fingerprint(path: str | Path) -> tuple | float:
+    """What Apply's cache key sees of a LoRA file: mtime, size and header digest (a missing file: always re-run,
+    so that the node reports it)."""
+    path = Path(path)
+    sig = _stat_signature(path)
+    if sig is None:
+        return _ALWAYS_RUN
+    return sig[0], sig[1], _header_digest(path)
+
+
+class _SavedFile:
+    """A file Save wrote in this server process: its stat right after the write, the UNLEARN_LORA written (weakly:
+    the cache holds the LoRA, this record must not) and the dtype."""
+
+    def __init__(self, path: Path, lora: UnlearnLora, dtype: str):
+        self.signature, self.lora, self.dtype = _stat_signature(path), weakref.ref(lora), dtype
+
+    def holds(self, path: Path, lora: UnlearnLora, dtype: str) -> bool:
+        return self.signature == _stat_signature(path) and self.lora() is lora and self.dtype == dtype
+
+
+_SAVED: dict[Path, _SavedFile] = {}
+
+
+def save_fingerprint(filename: str) -> str | tuple | float:
+    """Save's cache-key part: :data:`_INTACT` while the target file is absent and never written, or exactly as this
+    process wrote it (so an identical re-queue is a cache hit); always-run once a written file has vanished (so it is
+    written again); the file's stat while it is someone else's (a changed file is a changed key)."""
+    try:
+        path = loras_dir() / safe_lora_name(filename)
+    except ValueError:
+        return _ALWAYS_RUN  # execute reports the bad name
+    sig, saved = _stat_signature(path), _SAVED.get(path)
+    if sig is None:
+        return _INTACT if saved is None else _ALWAYS_RUN
+    if saved is not None and saved.signature == sig:
+        return _INTACT
+    return "file", *sig
+
+
 class SaveUnlearningLora(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -396,7 +472,9 @@ class SaveUnlearningLora(io.ComfyNode):
             display_name="Save Unlearning LoRA",
             category=f"{CATEGORY}/lora",
             description="Saves an unlearning LoRA into models/loras as a kohya-format .safetensors file with its "
-                        "unlearning metadata (method, concepts, λ, thresholds). Never overwrites unless asked.",
+                        "unlearning metadata (method, concepts, λ, thresholds). Never overwrites unless asked. "
+                        "Re-queuing the same workflow reuses the result while the file is as saved; a deleted or "
+                        "replaced file makes the node run again (the trained LoRA itself stays cached).",
             is_output_node=True,
             inputs=[
                 UnlearnLoraType.Input("unlearn_lora", tooltip="The LoRA from Unlearn Concept."),
@@ -416,12 +494,23 @@ class SaveUnlearningLora(io.ComfyNode):
             raise ValueError("Save Unlearning LoRA: connect the unlearn_lora output of Unlearn Concept")
         name = safe_lora_name(filename)
         path = loras_dir() / name
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"Save Unlearning LoRA: models/loras/{name} already exists — choose another name "
-                                  "or switch 'overwrite' on")
-        save_lora(path, unlearn_lora.modules, family=unlearn_lora.family, layout=unlearn_lora.layout, naming="ldm",
-                  metadata=unlearn_lora.metadata, dtype=dtype, overwrite=overwrite)
+        saved = _SAVED.get(path)
+        if saved is not None and saved.holds(path, unlearn_lora, dtype):
+            # a re-run after the cache forgot this node (e.g. it ran on another key in between): the file already
+            # holds this very LoRA, so writing it again would not be an overwrite and refusing would be wrong
+            log.info("Save Unlearning LoRA: models/loras/%s already holds this LoRA", name)
+        else:
+            if path.exists() and not overwrite:
+                raise FileExistsError(f"Save Unlearning LoRA: models/loras/{name} already exists — choose another "
+                                      "name or switch 'overwrite' on")
+            save_lora(path, unlearn_lora.modules, family=unlearn_lora.family, layout=unlearn_lora.layout,
+                      naming="ldm", metadata=unlearn_lora.metadata, dtype=dtype, overwrite=overwrite)
+            _SAVED[path] = _SavedFile(path, unlearn_lora, dtype)
         return io.NodeOutput(name, ui={"text": [f"saved models/loras/{name}"]})
+
+    @classmethod
+    def fingerprint_inputs(cls, filename: str, **_) -> str | tuple | float:
+        return save_fingerprint(filename)
 
 
 class ApplyUnlearningLora(io.ComfyNode):
@@ -432,7 +521,8 @@ class ApplyUnlearningLora(io.ComfyNode):
             display_name="Apply Unlearning LoRA",
             category=f"{CATEGORY}/lora",
             description="Applies an unlearning LoRA (a connected UNLEARN_LORA, else a file from models/loras) to a "
-                        "copy of the model at the given strength. Strip Unlearning LoRA removes it again.",
+                        "copy of the model at the given strength. Strip Unlearning LoRA removes it again. A LoRA "
+                        "file replaced on disk under the same name is read again on the next queue.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (it is not changed; a copy is returned)."),
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
@@ -456,6 +546,16 @@ class ApplyUnlearningLora(io.ComfyNode):
             return io.NodeOutput(apply_unlearn_lora(model, unlearn_lora, strength))
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         return io.NodeOutput(apply_lora_file(model, load_lora(path), strength))
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name: str = NO_FILE, **_) -> str | tuple | float:
+        # A file replaced under the same name must not give the model patched with the old one. (A connected
+        # unlearn_lora cannot be seen here — linked inputs are None — so the file counts even then: at worst a
+        # needless, cheap re-patch.)
+        if not lora_name or lora_name == NO_FILE:
+            return NO_FILE
+        path = folder_paths.get_full_path("loras", lora_name)
+        return _ALWAYS_RUN if path is None else lora_file_fingerprint(path)
 
 
 class StripUnlearningLora(io.ComfyNode):

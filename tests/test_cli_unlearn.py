@@ -227,3 +227,28 @@ def test_resume_without_a_checkpoint_starts_afresh(tmp_path, capsys):
     out = tmp_path / "fresh"
     rc = cli.main(["unlearn", "--concept", "three", "--out", str(out), *RESUMABLE, "--steps", "2", "--resume"])
     assert rc == 0 and (out / "ru-three.safetensors").exists()
+
+
+def test_a_new_run_removes_temp_files_a_killed_writer_left_for_its_own_outputs(tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    out.mkdir()
+    stale = [".ru-three.safetensors.k2j4_x9a.tmp", ".ru-three.checkpoint.pt.0abcdefg.tmp",
+             ".ru-three.partial.safetensors.zz11yy22.tmp", ".metrics.json.q1w2e3r4.tmp", ".report.html.abcd1234.tmp",
+             ".training.png.a1b2c3d4.tmp", ".samples_retained_after.png.t0t0t0t0.tmp"]
+    kept = [".ru-seven.safetensors.k2j4_x9a.tmp",  # another job's output in the same folder
+            ".ru-three.safetensors.tmp", "notes.tmp", "ru-three.safetensors.abcd1234.tmp",  # not a writer's temp name
+            "ru-three.checkpoint.pt"]
+    for n in stale + kept:
+        (out / n).write_bytes(b"half a file")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_setup(job):
+        raise Stop
+
+    monkeypatch.setattr(unlearn, "load_model", stop_after_setup)
+    args = cli.build_parser().parse_args(["unlearn", "--concept", "three", "--out", str(out), *TINY])
+    with pytest.raises(Stop):
+        unlearn.run_job(unlearn.job_from_args(args), quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(kept)

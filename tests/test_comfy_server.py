@@ -6,21 +6,32 @@ converted from the front end's format to API prompts with tiny settings (64×64,
 steps — 1 for the two-concept example —, 2-step trajectories, one wording per concept, 4 noise levels for data
 unlearning). Skipped only if ComfyUI cannot be obtained at all. About 7 minutes on two shared CPU cores, most of it
 the SD1.5 UNet at 8×8 latents (~0.4 s per sample and call on one core).
+
+Also: how the nodes behave under ComfyUI's cache (an identical re-queue trains nothing; a deleted LoRA file is saved
+again; a LoRA file replaced under the same name is read again), and a load test — 20 trainings queued at once on a
+narrow SD1.5-detected UNet, with the server's RSS read after each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
-from comfy_env import ComfyUnavailable, comfyui_dir
+from comfy_env import ComfyUnavailable, cache_dir, comfyui_dir
 from comfy_server import CHECKPOINT, ComfyServer, messages, output_images, sd15_checkpoint
 from comfy_workflow import to_api_prompt
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "example_workflows"
@@ -132,6 +143,103 @@ def test_erase_a_concept_example_runs(server, concept_run):
     assert meta["unlearn.method"] == "ru" and json.loads(meta["unlearn.concepts"]) == ["Van Gogh"]
     assert texts(concept_run, "12") == ["saved models/loras/no_van_gogh.safetensors"]
     assert texts(concept_run, "14")[0].startswith("method RU: 2 steps")
+
+
+# ------------------------------------------------------------------------------------------------ ComfyUI's cache
+# Placed right after the concept example: its trained LoRA is still in the server's cache, so none of these trains.
+UNLEARN, SAVE = "8", "12"  # node ids in example 01
+
+
+def cached_nodes(entry: dict) -> set[str]:
+    """The nodes ComfyUI answered from its cache in this run (its ``execution_cached`` message)."""
+    (msg,) = messages(entry, "execution_cached")
+    return set(msg["nodes"])
+
+
+def trainings(log: str) -> int:
+    return log.count("Unlearn Concept: method")  # the node logs its summary once per training
+
+
+@pytest.fixture(scope="module")
+def probe_prompt(object_info):
+    """Example 01 with the concept run's settings, saving to its own file."""
+    return example(CONCEPT, object_info, **ONE_CONCEPT, **{SAVE: {"filename": "cache_probe"}})
+
+
+def test_requeuing_an_identical_unlearning_workflow_reuses_the_trained_lora(server, probe_prompt, concept_run):
+    first = server.run(probe_prompt)  # trains only if a prompt queued since the concept run evicted its outputs
+    start = len(server.log())
+    again = server.run(probe_prompt)
+    assert_success(first)
+    assert_success(again)
+    assert cached_nodes(again) == set(probe_prompt)  # nothing ran: no training, no sampling, no save
+    assert trainings(server.log()[start:]) == 0
+    assert texts(again, "14") == texts(first, "14")  # the first run's summary, its training time included
+
+
+def test_a_deleted_lora_file_is_saved_again_without_retraining(server, probe_prompt):
+    path = server.loras / "cache_probe.safetensors"
+    assert_success(server.run(probe_prompt))
+    meta = lora_metadata(path)
+    path.unlink()
+    start = len(server.log())
+    entry = server.run(probe_prompt)
+    assert_success(entry)
+    assert UNLEARN in cached_nodes(entry) and SAVE not in cached_nodes(entry)
+    assert trainings(server.log()[start:]) == 0
+    assert lora_metadata(path) == meta
+
+
+def test_requeuing_after_a_resave_neither_rewrites_nor_refuses_the_file(server, probe_prompt):
+    """After the re-save the cache holds Save under another key; running it again must see that the file already
+    holds this LoRA (overwrite is off, so a plain "file exists" check would fail the prompt)."""
+    path = server.loras / "cache_probe.safetensors"
+    assert_success(server.run(probe_prompt))
+    written = path.stat().st_mtime_ns
+    for _ in range(2):
+        assert_success(server.run(probe_prompt))
+    assert path.stat().st_mtime_ns == written
+
+
+def applied_prompt(lora_name: str, prefix: str = "unlearn/applied") -> dict:
+    """The probe sampling prompt with Apply Unlearning LoRA (node "7") between the checkpoint and the sampler."""
+    prompt = sampling_prompt(prefix)
+    prompt["7"] = {"class_type": "Unlearn_ApplyUnlearningLora",
+                   "inputs": {"model": ["1", 0], "strength": 1.0, "lora_name": lora_name}}
+    prompt["4"]["inputs"]["model"] = ["7", 0]
+    return prompt
+
+
+def other_lora_of_the_same_size(src: Path, dst: Path) -> None:
+    """``src`` with every up-projection negated and one metadata digit changed: another LoRA, another header, the
+    same byte count."""
+    tensors = load_file(str(src))
+    meta = dict(lora_metadata(src))
+    for k in tensors:
+        if k.endswith("lora_up.weight"):
+            tensors[k] = -tensors[k]
+    seed = meta["unlearn.seed"]
+    meta["unlearn.seed"] = seed[:-1] + str((int(seed[-1]) + 1) % 10)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def test_a_lora_file_replaced_under_the_same_name_is_read_again(server, concept_run):
+    assert_success(concept_run)
+    path = server.loras / "cache_apply.safetensors"
+    shutil.copyfile(server.loras / "no_van_gogh.safetensors", path)
+    prompt = applied_prompt(path.name)
+    first = server.run(prompt)
+    assert_success(first)
+    assert "7" in cached_nodes(server.run(prompt))  # the file is unchanged: the patched model is reused
+    st = path.stat()
+    other_lora_of_the_same_size(path, path.with_name("other.tmp"))
+    os.replace(path.with_name("other.tmp"), path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as `cp -p`, or a rewrite within the mtime resolution
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    replaced = server.run(prompt)
+    assert_success(replaced)
+    assert "7" not in cached_nodes(replaced)
+    assert np.abs(image_of(server, replaced, "6") - image_of(server, first, "6")).mean() > 1.0
 
 
 def test_a_bad_lora_filename_is_a_node_error_that_says_what_to_fix(server, object_info, concept_run):
@@ -273,3 +381,64 @@ def test_interrupt_stops_training_within_a_step_leaves_no_lora_and_the_queue_goe
     assert max(got["progress"]) <= 2  # the step running when /interrupt arrived may still report; none after it
     assert not list(server.loras.glob("interrupted*"))
     assert_success(server.wait(got["next_id"]))
+
+
+# ------------------------------------------------------------------------------------------------ load
+# A UNet with SD1.5's widths (320 channels, a 768-d context: ComfyUI detects an SD1.5 model) but one level of one
+# block, next to SD1.5's CLIP-L and VAE: a training then takes ~10 s instead of ~40 s, so twenty fit in minutes.
+NARROW = "random-sd15-narrow-fp16.safetensors"
+NARROW_UNET = {"num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1]}
+LOAD_RUNS = 20
+
+
+@pytest.fixture(scope="module")
+def narrow_checkpoint(server) -> str:
+    path = cache_dir() / "models" / NARROW
+    if not path.is_file():  # ~15 s, 0.5 GB, once
+        code = "import json, sys, make_sd15_checkpoint as m; m.UNET.update(json.loads(sys.argv[1])); m.main(*sys.argv[2:])"
+        subprocess.run([sys.executable, "-c", code, json.dumps(NARROW_UNET), str(server.root), str(path), "fp16"],
+                       cwd=Path(__file__).parent, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    link = server.base / "models" / "checkpoints" / NARROW
+    if not link.exists():
+        link.symlink_to(path)
+    return NARROW
+
+
+def cheapest_concept_prompt(checkpoint: str, seed: int, filename: str) -> dict:
+    """Checkpoint → Unlearn Concept at the lowest settings it accepts → Save Unlearning LoRA."""
+    unlearn = {"model": ["1", 0], "clip": ["1", 1], "concept": "Van Gogh", "anchor": "", "method": "RU",
+               "threshold": 1.0, "steps": 1, "rank": 1, "targets": "xattn", "learning_rate": 0.05, "seed": seed,
+               "width": 64, "height": 64, "batch": 1, "esd_eta": 1.0, "trajectory_steps": 2}
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+            "2": {"class_type": "Unlearn_UnlearnConcept", "inputs": unlearn},
+            "3": {"class_type": "Unlearn_SaveUnlearningLora",
+                  "inputs": {"unlearn_lora": ["2", 1], "filename": filename, "dtype": "fp16", "overwrite": False}}}
+
+
+def test_twenty_queued_unlearning_workflows_all_succeed_and_memory_stays_flat(server, narrow_checkpoint):
+    """All queued at once, each with its own seed (nothing is cached) and file; the server's RSS is read as each one
+    finishes, and after the 20th it is within 10 % of after the 5th (the first ones also warm allocators up)."""
+    proc = psutil.Process(server.proc.pid)
+    seeds = range(1000, 1000 + LOAD_RUNS)
+    ids = [server.queue(cheapest_concept_prompt(narrow_checkpoint, s, f"load_{s}")) for s in seeds]
+    done: dict[str, dict] = {}
+    rss: list[int] = []  # rss[k - 1]: after the k-th finished
+    t0 = time.monotonic()
+    while len(done) < LOAD_RUNS:
+        assert server.proc.poll() is None, server.log()[-3000:]
+        assert time.monotonic() - t0 < 1800, f"{len(done)} of {LOAD_RUNS} finished in 30 min"
+        history = server.get("/history")
+        for pid in ids:
+            entry = history.get(pid)
+            if pid not in done and entry and entry["status"].get("status_str") in ("success", "error"):
+                done[pid] = entry
+        rss += [proc.memory_info().rss] * (len(done) - len(rss))
+        time.sleep(0.5)  # polling, not timing
+    wall = time.monotonic() - t0
+    print(f"\n{LOAD_RUNS} unlearning workflows in {wall:.0f} s; server RSS after each (MiB): "
+          + " ".join(str(r >> 20) for r in rss))
+    for pid in ids:
+        assert_success(done[pid])
+    assert sorted(int(lora_metadata(server.loras / f"load_{s}.safetensors")["unlearn.seed"]) for s in seeds) \
+        == list(seeds)
+    assert abs(rss[-1] - rss[4]) <= 0.10 * rss[4], [r >> 20 for r in rss]

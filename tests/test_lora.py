@@ -466,3 +466,10 @@ def test_diffusers_loads_the_file_into_an_sd15_pipeline_and_reads_it_as_we_do(tm
     theirs = sample()
     assert (theirs - base).abs().max() > 1e-3
     torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-4)
+
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_0600(saved):
+    mode = saved.stat().st_mode & 0o777
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask

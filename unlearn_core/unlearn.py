@@ -73,12 +73,14 @@ DEFAULTS: dict[str, Any] = {
     "refresh_every": 20,
     "estimate_samples": 64,
     # data unlearning
-    "fu_threshold": 1.0,
+    # the forget set's NELBO (summed over the steps a sampler takes) must rise by this fraction of its base value
+    "fu_threshold": 0.1,
     "fu_steps": 150,
+    "fu_dual_every": 5,
     "fu_batch": 32,
     "fu_lam_max": 0.5,
     "fu_retain_samples": 256,
-    "fu_estimate_draws": 1,  # the forget-set NELBO visits all 1000 timesteps per draw and image
+    "fu_estimate_draws": 1,  # the forget-set NELBO visits every timestep per draw and image
 }
 
 
@@ -242,6 +244,10 @@ def job_from_args(args: argparse.Namespace) -> UnlearnJob:
     if args.eval_samples < 0:
         raise ValueError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     demo = _is_demo(args.model)
+    if not demo:
+        from .models import check_model_path
+
+        check_model_path(args.model)  # a bad --model fails before the output folder is created
     job = UnlearnJob(out=Path(args.out), method=method, anchor=anchor, steps=args.steps, rank=args.rank,
                      targets=args.targets, lr=args.lr, seed=args.seed, device=args.device, model=args.model or "demo",
                      overwrite=args.overwrite, eval_samples=args.eval_samples, weight=args.weight,
@@ -310,12 +316,10 @@ def load_model(job: UnlearnJob):
         from .demo import load_demo_model, load_judge
 
         return load_demo_model(device=job.device), load_judge()
-    p = Path(job.model)
-    if not p.exists():
-        raise FileNotFoundError(f"--model {p} does not exist; give a diffusers model folder, a .safetensors "
-                                "checkpoint, or leave --model out for the demo model")
-    raise ValueError(f"--model {p}: only the built-in demo model is supported by this version of the CLI; "
-                     "diffusers folders and single-file SD checkpoints are not supported yet (use the ComfyUI nodes)")
+    from .models import load_diffusers_folder
+
+    # a diffusers Stable Diffusion folder (SD1.x/SD2.x/SDXL), loaded offline; no judge: no evaluation section
+    return load_diffusers_folder(job.model, device=job.device), None
 
 
 # ------------------------------------------------------------------------------------------------ job
@@ -402,11 +406,15 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
                              rollout_t_max=sampler_start(model), dual_warmup=d["dual_warmup"])
         return problem, config
     files = job._forget_files  # type: ignore[attr-defined]
-    size = model.unet.config.sample_size
-    ch = model.unet.config.in_channels
-    forget = load_images(files, size, ch)
+    # a latent model reads images at sample_size × vae_scale_factor pixels and VAE-encodes them; the demo: pixels
+    size = model.unet.config.sample_size * getattr(model, "vae_scale_factor", 1)
+    ch = getattr(model, "image_channels", model.unet.config.in_channels)
+    to_model = getattr(model, "images_to_model_space", lambda x: x)
+    forget = to_model(load_images(files, size, ch))
     if job.retain is not None:
-        retain = load_images(list_images(job.retain, "--retain"), size, ch)
+        retain = to_model(load_images(list_images(job.retain, "--retain"), size, ch))
+    elif hasattr(model, "sample_latents"):  # the sampler's own latents, never decoded and re-encoded
+        retain = model.sample_latents(job.caption, n=d["fu_retain_samples"], seed=job.seed + 12345, guidance=1.0)
     else:
         # samples of the pretrained model at the data prompt stand in for the retain set (p0 = the model itself)
         imgs = model.sample(job.caption, n=d["fu_retain_samples"], seed=job.seed + 12345, guidance=1.0)
@@ -414,7 +422,7 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
     problem = Problem(job.method, data=DataSpec(forget=forget, retain=retain, cond=job.caption),
                       threshold=job.threshold, threshold_mode=job.threshold_mode, fixed_weight=job.weight,
                       lam_max=d["fu_lam_max"] if job.method == "fu" else None)
-    config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["fu_batch"], dual_every=10, dual_lr=d["dual_lr"],
+    config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["fu_batch"], dual_every=d["fu_dual_every"], dual_lr=d["dual_lr"],
                          dual_smoothing=0.5, estimate_samples=d["estimate_samples"],
                          estimate_draws=d["fu_estimate_draws"], seed=job.seed, rollout_t_max=sampler_start(model))
     return problem, config
@@ -439,6 +447,17 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
     # the outputs of the run a checkpoint belongs to (killed while saving them) are this run's to replace
     check_output_folder(job.out, [job.lora_path.name, "metrics.json", "report.html"],
                         job.overwrite or state is not None)
+    # A writer killed mid-write (SIGKILL, OOM killer, power loss) leaves its temp file ``.NAME.XXXXXXXX.tmp``
+    # (lora._atomic_write) behind; drop those of this job's outputs so that kills and resumes do not pile up junk.
+    outputs = [job.lora_path.name, job.partial_path.name, job.checkpoint_path.name, "metrics.json", "report.html",
+               "training.png", "constraints.png",  # and _grids' sample sheets:
+               *(f"samples_{g}_{t}.png" for g in ("erased", "paraphrase", "retained") for t in ("before", "after"))]
+    with os.scandir(job.out) as entries:
+        stale = [e.path for e in entries if e.name.endswith(".tmp") and e.is_file(follow_symlinks=False)
+                 and any(e.name.startswith(f".{n}.") and len(e.name) > len(n) + 6 for n in outputs)]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
     torch.manual_seed(job.seed)
     model, judge = load_model(job)
     base_hash = model_hash(model.unet.state_dict())
@@ -522,6 +541,9 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
             figures += _grids(job, before, after)
     elif judge is not None and job.kind == "data" and job.eval_samples >= 2:
         metrics["evaluation"] = evaluation = _data_eval(job, model, judge, lora)
+    elif judge is None and job.eval_samples >= 2 and hasattr(model, "decode"):
+        _say(quiet, "sampling before/after grids (no judge for this model: no metrics)…")
+        figures += _model_grids(job, model, lora)
     from .report import requested_vs_achieved_png, training_curves_png, write_json_atomic, write_report
 
     training_curves_png(res.history, res.thresholds, names, job.out / "training.png",
@@ -605,6 +627,31 @@ def _grids(job: UnlearnJob, before: dict, after: dict) -> list[tuple[str, str]]:
     return out
 
 
+def _model_grids(job: UnlearnJob, model, lora) -> list[tuple[str, str]]:
+    """A model without a judge (a diffusers folder): the same prompts and seeds before and after, decoded
+    through the VAE — up to 4 samples for each concept's first wording (or the data caption) and each kept prompt."""
+    from .lora import apply_lora
+    from .report import sample_grid_png
+
+    n = min(job.eval_samples, 4)
+    groups = {"erased": [w[0] for w in job.concepts] if job.kind == "concept" else [job.caption],
+              "retained": [k for k in job.keep if k][:4]}
+    out = []
+    for group, prompts in groups.items():
+        if not prompts:
+            continue
+        title = "erased prompts" if group == "erased" else "kept prompts"
+        for tag in ("before", "after"):
+            with apply_lora(model.unet, lora) if tag == "after" else contextlib.nullcontext():
+                imgs = model.sample(prompts, n=n, seed=job.seed)  # [P·n, 3, H, W] in [0, 1]
+            imgs = imgs.permute(0, 2, 3, 1) if imgs.dim() == 4 else imgs
+            rows = [(p if len(p) < 34 else p[:32] + "…", imgs[i * n:(i + 1) * n]) for i, p in enumerate(prompts)]
+            name = f"samples_{group}_{tag}.png"
+            sample_grid_png(rows, job.out / name, title=f"{title} — {tag}", cols=n, overwrite=True)
+            out.append((f"{title}, {tag}", name))
+    return out
+
+
 def _data_eval(job: UnlearnJob, model, judge, lora) -> dict:
     """FU on the demo: samples of the forget images' class must stay recognisable."""
     from .evaluate import demo_digit
@@ -626,7 +673,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("unlearn", help="unlearn a concept or data; writes a LoRA, metrics.json, report.html",
                               description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="demo", help="'demo' (the built-in digits model)")
+    p.add_argument("--model", default="demo",
+                   help="'demo' (the built-in digits model) or a local diffusers Stable Diffusion folder "
+                        "(model_index.json; SD1.x, SD2.x incl. v-prediction, SDXL base; never downloads)")
     p.add_argument("--method", choices=sorted(METHODS), default=None,
                    help="default: ru for --concept, fu for --forget")
     g = p.add_argument_group("concepts")
@@ -649,8 +698,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--caption", default="", help="prompt the data is conditioned on (default \"\")")
     g = p.add_argument_group("training")
     g.add_argument("--threshold", type=float, default=None,
-                   help=f"forget threshold as a multiple of the calibrated separation (default "
-                        f"{DEFAULTS['threshold']} for concepts, {DEFAULTS['fu_threshold']} for data)")
+                   help=f"concepts: the path KL to the concept as a multiple of the calibrated concept–anchor "
+                        f"separation (default {DEFAULTS['threshold']}); data: the rise of the forget images' NELBO "
+                        f"as a fraction of its base value (default {DEFAULTS['fu_threshold']})")
     g.add_argument("--threshold-raw", type=float, default=None, help="forget threshold in raw estimator units")
     g.add_argument("--weight", type=float, default=None, help="fixed weight for the baselines (ESD η, NegGrad w, SISS λ)")
     g.add_argument("--steps", type=int, default=DEFAULTS["steps"])

@@ -1,8 +1,8 @@
 """Front-end workflow JSON (what ComfyUI's editor saves: nodes, links, positions) → API prompt (what ``/prompt`` runs).
 
 Used by ``batch --comfyui`` to submit ``example_workflows/`` to a running server; the server's ``/object_info``
-supplies the node definitions. Pure Python, no ComfyUI import (``tests/comfy_workflow.py`` holds the same code
-for the server tests).
+supplies the node definitions. Pure Python, no ComfyUI import (the server tests use it through
+``tests/comfy_workflow.py``).
 
 A saved node keeps its widget values by position (``widgets_values``), in the order the front end creates the
 widgets: the node's inputs as ``/object_info`` lists them (``input_order``: required, then optional), skipping
