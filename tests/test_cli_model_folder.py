@@ -210,6 +210,7 @@ def test_bad_model_paths_are_one_line_errors(folders, tmp_path, capsys):
     (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     msg = _one_line_error(capsys, "--model", str(other), *out)
     assert "FluxPipeline is not supported" in msg and "SD1.x" in msg and "SDXL" in msg
+    assert not (tmp_path / "out").exists()  # refused before the output folder was created
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model_index.json").write_text((folders["sd1"] / "model_index.json").read_text())

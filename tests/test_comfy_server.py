@@ -5,7 +5,7 @@ but architecture-true SD1.5 checkpoint (generated once into the cache), and the 
 converted from the front end's format to API prompts with tiny settings (64×64, 2 sampling steps at cfg 1, 2 training
 steps — 1 for the two-concept example —, 2-step trajectories, one wording per concept, 4 noise levels for data
 unlearning). Skipped only if ComfyUI cannot be obtained at all. About 7 minutes on two shared CPU cores, most of it
-the SD1.5 UNet at 8×8 latents (~0.4 s per sample and call on one core).
+the SD1.5 UNet at 8×8 latents (~0.4 s per sample and call on one core), plus ~4 minutes of load test.
 
 Also: how the nodes behave under ComfyUI's cache (an identical re-queue trains nothing; a deleted LoRA file is saved
 again; a LoRA file replaced under the same name is read again), and a load test — 20 trainings queued at once on a
@@ -146,7 +146,8 @@ def test_erase_a_concept_example_runs(server, concept_run):
 
 
 # ------------------------------------------------------------------------------------------------ ComfyUI's cache
-# Placed right after the concept example: its trained LoRA is still in the server's cache, so none of these trains.
+# Right after the concept example, whose trained LoRA is still in the server's cache: these and the next test share
+# its Unlearn Concept node (only Save differs), so none of them trains. (Apply's file check is with the apply tests.)
 UNLEARN, SAVE = "8", "12"  # node ids in example 01
 
 
@@ -191,55 +192,16 @@ def test_a_deleted_lora_file_is_saved_again_without_retraining(server, probe_pro
 
 
 def test_requeuing_after_a_resave_neither_rewrites_nor_refuses_the_file(server, probe_prompt):
-    """After the re-save the cache holds Save under another key; running it again must see that the file already
-    holds this LoRA (overwrite is off, so a plain "file exists" check would fail the prompt)."""
+    """The re-save ran Save under an always-changed key, so the next queue runs it again: it must see that the file
+    already holds this very LoRA (overwrite is off: a plain "file exists" check would fail the prompt)."""
     path = server.loras / "cache_probe.safetensors"
+    assert_success(server.run(probe_prompt))
+    path.unlink()
     assert_success(server.run(probe_prompt))
     written = path.stat().st_mtime_ns
     for _ in range(2):
         assert_success(server.run(probe_prompt))
     assert path.stat().st_mtime_ns == written
-
-
-def applied_prompt(lora_name: str, prefix: str = "unlearn/applied") -> dict:
-    """The probe sampling prompt with Apply Unlearning LoRA (node "7") between the checkpoint and the sampler."""
-    prompt = sampling_prompt(prefix)
-    prompt["7"] = {"class_type": "Unlearn_ApplyUnlearningLora",
-                   "inputs": {"model": ["1", 0], "strength": 1.0, "lora_name": lora_name}}
-    prompt["4"]["inputs"]["model"] = ["7", 0]
-    return prompt
-
-
-def other_lora_of_the_same_size(src: Path, dst: Path) -> None:
-    """``src`` with every up-projection negated and one metadata digit changed: another LoRA, another header, the
-    same byte count."""
-    tensors = load_file(str(src))
-    meta = dict(lora_metadata(src))
-    for k in tensors:
-        if k.endswith("lora_up.weight"):
-            tensors[k] = -tensors[k]
-    seed = meta["unlearn.seed"]
-    meta["unlearn.seed"] = seed[:-1] + str((int(seed[-1]) + 1) % 10)
-    save_file(tensors, str(dst), metadata=meta)
-
-
-def test_a_lora_file_replaced_under_the_same_name_is_read_again(server, concept_run):
-    assert_success(concept_run)
-    path = server.loras / "cache_apply.safetensors"
-    shutil.copyfile(server.loras / "no_van_gogh.safetensors", path)
-    prompt = applied_prompt(path.name)
-    first = server.run(prompt)
-    assert_success(first)
-    assert "7" in cached_nodes(server.run(prompt))  # the file is unchanged: the patched model is reused
-    st = path.stat()
-    other_lora_of_the_same_size(path, path.with_name("other.tmp"))
-    os.replace(path.with_name("other.tmp"), path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as `cp -p`, or a rewrite within the mtime resolution
-    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    replaced = server.run(prompt)
-    assert_success(replaced)
-    assert "7" not in cached_nodes(replaced)
-    assert np.abs(image_of(server, replaced, "6") - image_of(server, first, "6")).mean() > 1.0
 
 
 def test_a_bad_lora_filename_is_a_node_error_that_says_what_to_fix(server, object_info, concept_run):
@@ -310,6 +272,47 @@ def test_apply_at_strength_zero_gives_the_base_models_images_exactly(server, obj
     entry = server.run(example(APPLY, object_info, **{"8": {"strength": 0.0}}))
     assert_success(entry)
     assert np.array_equal(image_of(server, entry, APPLIED), image_of(server, entry, BASE))
+
+
+def applied_prompt(lora_name: str, prefix: str = "unlearn/applied") -> dict:
+    """The probe sampling prompt with Apply Unlearning LoRA (node "7") between the checkpoint and the sampler."""
+    prompt = sampling_prompt(prefix)
+    prompt["7"] = {"class_type": "Unlearn_ApplyUnlearningLora",
+                   "inputs": {"model": ["1", 0], "strength": 1.0, "lora_name": lora_name}}
+    prompt["4"]["inputs"]["model"] = ["7", 0]
+    return prompt
+
+
+def other_lora_of_the_same_size(src: Path, dst: Path) -> None:
+    """``src`` with every up-projection negated and one metadata digit changed: another LoRA, another header, the
+    same byte count."""
+    tensors = load_file(str(src))
+    meta = dict(lora_metadata(src))
+    for k in tensors:
+        if k.endswith("lora_up.weight"):
+            tensors[k] = -tensors[k]
+    seed = meta["unlearn.seed"]
+    meta["unlearn.seed"] = seed[:-1] + str((int(seed[-1]) + 1) % 10)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def test_a_lora_file_replaced_under_the_same_name_is_read_again(server, concept_run):
+    assert_success(concept_run)
+    path = server.loras / "cache_apply.safetensors"
+    shutil.copyfile(server.loras / "no_van_gogh.safetensors", path)
+    prompt = applied_prompt(path.name)
+    first = server.run(prompt)
+    assert_success(first)
+    assert "7" in cached_nodes(server.run(prompt))  # the file is unchanged: the patched model is reused
+    st = path.stat()
+    other_lora_of_the_same_size(path, path.with_name("other.tmp"))
+    os.replace(path.with_name("other.tmp"), path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as `cp -p`, or a rewrite within the mtime resolution
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    replaced = server.run(prompt)
+    assert_success(replaced)
+    assert "7" not in cached_nodes(replaced)
+    assert np.abs(image_of(server, replaced, "6") - image_of(server, first, "6")).mean() > 1.0
 
 
 # ------------------------------------------------------------------------------------------------ (b), (c)

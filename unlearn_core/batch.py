@@ -257,11 +257,7 @@ def _prepare(index: int, options: dict[str, Any], parser, out_root: Path, comfy:
     placeholder = args.out is None
     if placeholder:
         args.out = out_root
-    overrides = unlearn.parse_overrides(args.set or [])
-    job = unlearn.job_from_args(args)
-    # as the `unlearn` command does: the demo's data jobs have their own default length
-    if job.kind == "data" and job.model == "demo" and job.steps == unlearn.DEFAULTS["steps"]:
-        job.steps = unlearn.DEFAULTS["fu_steps"]
+    job, overrides = unlearn.prepare_job(args)
     if name is None:
         # ComfyUI's Save node takes no '+' (a several-concept default name joins them with it)
         name = job.name.replace("+", "_") if comfy else job.name
@@ -349,14 +345,9 @@ def run_local_job(bj: BatchJob, row: dict[str, Any], quiet: bool) -> dict[str, A
             job.checkpoint_path.unlink()  # a checkpoint of other options, which this job replaces
     unlearn.check_output_folder(job.out, [], overwrite=True)  # a clear error before the record is written
     _write_record(bj, "started")
-    saved = dict(unlearn.DEFAULTS)
-    unlearn.DEFAULTS.update(bj.overrides)  # `--set`, for this job only (as `unlearn` does)
-    try:
-        quiet = quiet or bool(bj.args.quiet)
+    quiet = quiet or bool(bj.args.quiet)
+    with unlearn.overridden_defaults(bj.overrides):  # `--set`, for this job only (as `unlearn` does)
         metrics = unlearn.run_job(job, quiet=quiet, progress=not quiet)
-    finally:
-        unlearn.DEFAULTS.clear()
-        unlearn.DEFAULTS.update(saved)
     _write_record(bj, "done", seconds=metrics.get("seconds"))
     return {**row, "status": "done", **_metrics_row(metrics)}
 

@@ -244,10 +244,6 @@ def job_from_args(args: argparse.Namespace) -> UnlearnJob:
     if args.eval_samples < 0:
         raise ValueError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     demo = _is_demo(args.model)
-    if not demo:
-        from .models import check_model_path
-
-        check_model_path(args.model)  # a bad --model fails before the output folder is created
     job = UnlearnJob(out=Path(args.out), method=method, anchor=anchor, steps=args.steps, rank=args.rank,
                      targets=args.targets, lr=args.lr, seed=args.seed, device=args.device, model=args.model or "demo",
                      overwrite=args.overwrite, eval_samples=args.eval_samples, weight=args.weight,
@@ -441,6 +437,10 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
     from .trainer import Trainer
 
     t0 = time.perf_counter()
+    if not _is_demo(job.model):
+        from .models import check_model_path
+
+        check_model_path(job.model)  # a bad --model fails before the output folder is created
     state = read_checkpoint(job) if job.resume else None
     if job.resume and state is None:
         _say(quiet, f"--resume: no checkpoint in {job.out}; starting from step 0")
@@ -746,25 +746,39 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def prepare_job(args: argparse.Namespace) -> tuple[UnlearnJob, dict[str, Any]]:
+    """The job an ``unlearn`` command line describes and its ``--set`` overrides, both checked (``batch`` shares it)."""
+    overrides = parse_overrides(args.set or [])
+    job = job_from_args(args)
+    if job.kind == "data" and _is_demo(job.model) and job.steps == DEFAULTS["steps"]:
+        job.steps = DEFAULTS["fu_steps"]  # the demo's data jobs have their own default length
+    return job, overrides
+
+
+@contextlib.contextmanager
+def overridden_defaults(overrides: dict[str, Any]):
+    """``--set`` for one job: :data:`DEFAULTS` with ``overrides`` inside the block, restored after it."""
+    saved = dict(DEFAULTS)
+    DEFAULTS.update(overrides)
+    try:
+        yield
+    finally:
+        DEFAULTS.clear()
+        DEFAULTS.update(saved)
+
+
 def _unlearn_main(args: argparse.Namespace) -> int:
     import json
 
     if args.out is None:
         args.out = Path("runs") / ((args.method or ("fu" if args.forget else "ru")) + "-" +
                                    "+".join(_slug(c.split("|")[0]) for c in (args.concept or [str(args.forget or "data")])))
-    overrides = parse_overrides(args.set or [])
-    job = job_from_args(args)
-    if job.kind == "data" and _is_demo(job.model) and job.steps == DEFAULTS["steps"]:
-        job.steps = DEFAULTS["fu_steps"]
-    saved = dict(DEFAULTS)
-    DEFAULTS.update(overrides)
+    job, overrides = prepare_job(args)
     try:
-        metrics = run_job(job, quiet=args.quiet)
+        with overridden_defaults(overrides):
+            metrics = run_job(job, quiet=args.quiet)
     except KeyboardInterrupt:
         return 130
-    finally:
-        DEFAULTS.clear()
-        DEFAULTS.update(saved)
     if not args.quiet:
         ev = metrics.get("evaluation") or {}
         c = metrics["constraints"]
