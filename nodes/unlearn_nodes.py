@@ -98,16 +98,36 @@ def _node_id(cls) -> str | None:
     return getattr(getattr(cls, "hidden", None), "unique_id", None)
 
 
+def _previewer(den: ComfyDenoiser):
+    """ComfyUI's latent previewer for this model (None when previews are off or the format has none)."""
+    try:
+        import latent_preview
+
+        return latent_preview.get_previewer(den.patcher.load_device, den.patcher.model.latent_format)
+    except Exception as e:  # noqa: BLE001 - no previews rather than no training
+        log.debug("no latent previewer: %s", e)
+        return None
+
+
 def _train(den: ComfyDenoiser, problem: Problem, config: TrainConfig, node_id: str | None = None,
            names: list[str] | None = None) -> TrainResult:
     """Run the trainer with one progress-bar update per step and live "unlearn.progress" events for the front
     end's chart; Cancel raises out of the step, the rollouts and the estimates (the denoiser checks it on every
     UNet call), so nothing is returned or saved after a Cancel."""
     pbar = comfy.utils.ProgressBar(config.steps)
+    previewer = _previewer(den)
 
     def on_event(ev: dict) -> None:
         if ev["type"] == "step":
             pbar.update(1)
+        elif ev["type"] == "samples" and previewer is not None:
+            # at every trajectory refresh: what the concept's prompt makes now, shown on the node like a KSampler's
+            # preview (ComfyUI's own previewer: TAESD or its latent-to-RGB factors, as --preview-method says)
+            try:
+                preview = previewer.decode_latent_to_preview_image("JPEG", ev["samples"].float())
+                pbar.update_absolute(pbar.current, config.steps, preview)
+            except Exception as e:  # a preview must never stop the training
+                log.debug("preview not sent: %s", e)
 
     live = progress_reporter(node_id, names or [])
     return Trainer(den, problem, config, callbacks=[on_event, live], should_stop=_cancel).run()
@@ -261,10 +281,10 @@ class UnlearnData(io.ComfyNode):
                                tooltip="FU: forward-KL constrained — the forget images must become unlikely by "
                                        "'threshold', with λ found by the trainer; NegGrad: retain loss − weight × "
                                        "forget loss; SISS: importance-sampled mixture with a fixed λ = weight."),
-                io.Float.Input("threshold", default=0.1, min=0.001, max=1000.0, step=0.01,
+                io.Float.Input("threshold", default=0.05, min=0.001, max=1000.0, step=0.01,
                                tooltip="FU: how much worse the model must become at denoising the forget images — "
                                        "the required increase of their negative ELBO, as a fraction of its value "
-                                       "under the original model (0.1 = raise it by 10 %; 1.0 = double it). "
+                                       "under the original model (0.05 = raise it by 5 %; 1.0 = double it). "
                                        "NegGrad / SISS only report against it."),
                 io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Training steps."),
                 io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank."),
@@ -338,8 +358,9 @@ class UnlearnData(io.ComfyNode):
                                                            "center").movedim(1, -1)
             retain = encode_images(vae, model, retain_images)
         cond = caption if clip is not None else zero_conditioning(model)
+        # no polish phase: FU's primal has no fixed point at a frozen λ (see unlearn_core.unlearn.DEFAULTS)
         config = TrainConfig(steps=steps, lr=learning_rate, batch=batch, dual_every=min(10, steps),
-                             estimate_samples=max(4, batch), seed=seed)
+                             estimate_samples=max(4, batch), seed=seed, polish_fraction=0.0)
         with torch.inference_mode(False), torch.enable_grad():
             den = ComfyDenoiser(model, clip=clip, targets=targets, rank=rank, latent_hw=tuple(forget.shape[-2:]),
                                 seed=seed, num_timesteps=timesteps)

@@ -445,3 +445,60 @@ def test_twenty_queued_unlearning_workflows_all_succeed_and_memory_stays_flat(se
     assert sorted(int(lora_metadata(server.loras / f"load_{s}.safetensors")["unlearn.seed"]) for s in seeds) \
         == list(seeds)
     assert abs(rss[-1] - rss[4]) <= 0.10 * rss[4], [r >> 20 for r in rss]
+
+
+# ------------------------------------------------------------------------------------------------ batch --comfyui
+def test_batch_command_trains_each_job_on_the_server_and_a_rerun_skips_them(server, narrow_checkpoint, tmp_path):
+    """``python -m unlearn_core batch JOBS --comfyui URL`` against this server (not the fake of ``test_batch.py``):
+    example 01 with each job's settings, on the narrow checkpoint at the cheapest settings; a rerun reads the LoRAs'
+    metadata through /view_metadata and queues nothing."""
+    import contextlib
+    import io
+
+    from unlearn_core import cli
+    from unlearn_core.lora import load_lora
+
+    cheap = {"CheckpointLoaderSimple": {"ckpt_name": narrow_checkpoint},
+             "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+             "KSampler": {"steps": 1, "cfg": 1.0},
+             "Unlearn_UnlearnConcept": {"width": 64, "height": 64, "batch": 1, "trajectory_steps": 2}}
+    jobs = {"defaults": {"steps": 1, "rank": 1, "comfyui": cheap},
+            "jobs": [{"name": "batch_van_gogh", "concept": "Van Gogh", "seed": 21},
+                     {"name": "batch_picasso", "concept": "Picasso", "anchor": "a photo", "seed": 22}]}
+    concepts = {"batch_van_gogh": "Van Gogh", "batch_picasso": "Picasso"}
+    jobs_path = tmp_path / "jobs.json"
+    jobs_path.write_text(json.dumps(jobs))
+
+    def batch(summary: Path) -> tuple[int, dict]:
+        argv = ["batch", str(jobs_path), "--comfyui", server.url, "--poll", "0.2", "--timeout", "600",
+                "--summary", str(summary)]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            rc = cli.main(argv)
+        return rc, json.loads(summary.read_text())
+
+    t0 = time.monotonic()
+    rc, first = batch(tmp_path / "first.json")
+    t1 = time.monotonic()
+    assert rc == 0, first["jobs"]
+    assert [(j["name"], j["status"]) for j in first["jobs"]] == [(n, "done") for n in concepts], first["jobs"]
+    history = server.get("/history")
+    for job in first["jobs"]:
+        assert job["lora"] == f"models/loras/{job['name']}.safetensors"
+        assert history[job["prompt_id"]]["status"]["status_str"] == "success"  # queued under the batch's own id
+        lora = load_lora(server.loras / f"{job['name']}.safetensors")
+        assert lora.modules and json.loads(lora.metadata["unlearn.concepts"]) == [concepts[job["name"]]]
+        assert lora.metadata["unlearn.seed"] == str(jobs["jobs"][job["index"] - 1]["seed"])
+        assert lora.metadata["unlearn.steps"] == "1" and lora.metadata["ss_network_dim"] == "1"
+        assert [c["name"] for c in job["constraints"]] == [concepts[job["name"]]]  # read back via /view_metadata
+        assert job["outputs"]["12"] == [f"saved models/loras/{job['name']}.safetensors"]
+    assert json.loads(load_lora(server.loras / "batch_picasso.safetensors").metadata["unlearn.anchors"]) == ["a photo"]
+
+    start, queued = len(server.log()), len(history)
+    rc, again = batch(tmp_path / "again.json")
+    t2 = time.monotonic()
+    assert rc == 0 and again["counts"] == {"skipped": 2}, again["jobs"]
+    assert all(j["message"] == "already on the server with these settings" and "prompt_id" not in j
+               for j in again["jobs"])
+    assert len(server.get("/history")) == queued  # nothing was queued
+    assert trainings(server.log()[start:]) == 0
+    print(f"\nbatch --comfyui: 2 jobs in {t1 - t0:.1f} s, rerun (both skipped) in {t2 - t1:.1f} s")

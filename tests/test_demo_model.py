@@ -63,6 +63,16 @@ def test_sampling_is_deterministic_under_a_seed(offline_model_and_judge):
     assert (a - c).abs().mean() > 0.05
 
 
+def test_per_prompt_seeds_give_each_prompt_its_own_samples_in_one_batched_call(offline_model_and_judge):
+    model, _ = offline_model_and_judge
+    prompts = ["a handwritten digit two", "a handwritten digit five"]
+    together = model.sample(prompts, n=2, seeds=[11, 12], steps=5)
+    alone = torch.cat([model.sample([p], n=2, seed=s, steps=5) for p, s in zip(prompts, (11, 12))])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one per prompt"):
+        model.sample(prompts, n=2, seeds=[11])
+
+
 def test_judge_is_accurate_on_real_digits_it_never_saw():
     judge = load_judge()
     data = load_demo_data("diffusion")  # the judge trains on the held-out split only

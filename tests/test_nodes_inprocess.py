@@ -223,11 +223,29 @@ def test_unlearn_concept_updates_the_progress_bar_once_per_step(pkg, monkeypatch
     import comfy.utils
 
     calls = []
-    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda v, total, preview, node_id=None: calls.append((v, total)))
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda v, total, preview, node_id=None: calls.append((v, total)) if preview is None else None)
     pkg["unlearn_nodes"].UnlearnConcept.execute(
         tiny_model(), FakeClip(), concept="a cat", anchor="", method="ESD", threshold=1.0, steps=2, rank=1,
         targets="xattn", learning_rate=1e-3, seed=0, width=64, height=64, batch=2, esd_eta=1.0)
     assert calls == [(1, 2), (2, 2)]
+
+
+def test_unlearn_concept_shows_a_preview_of_the_concept_at_every_refresh(pkg, monkeypatch):
+    import comfy.utils
+    from comfy.cli_args import LatentPreviewMethod, args
+    from PIL import Image
+
+    previews = []
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Auto)  # ComfyUI's default is no previews
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda v, total, preview, node_id=None: previews.append((v, preview)) if preview else None)
+    pkg["unlearn_nodes"].UnlearnConcept.execute(
+        tiny_model(), FakeClip(), concept="a cat", anchor="", method="ESD", threshold=1.0, steps=3, rank=1,
+        targets="xattn", learning_rate=1e-3, seed=0, width=64, height=64, batch=2, esd_eta=1.0)
+    assert previews, "no preview was sent"
+    v, (fmt, image, max_res) = previews[0]
+    assert v == 0 and fmt == "JPEG" and isinstance(image, Image.Image) and image.size == (8, 8)
 
 
 def test_unlearn_concept_streams_live_progress_events_for_its_node(pkg, monkeypatch):

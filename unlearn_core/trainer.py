@@ -269,7 +269,8 @@ class _Buffer:
 class Trainer:
     """Primal–dual unlearning of a :class:`Denoiser`'s adapter.
 
-    ``callbacks`` receive event dicts ({"type": "step" | "dual" | "nan" | "calibration" | "done", ...});
+    ``callbacks`` receive event dicts ({"type": "step" | "dual" | "nan" | "calibration" | "samples" | "done", ...};
+    "samples" carries a tensor: one sample of the current model at the first concept wording, at every refresh);
     ``should_stop()`` is polled every step (cancel); a stop returns the result so far with ``cancelled=True``.
     """
 
@@ -457,6 +458,9 @@ class Trainer:
             all_states, ts, w = self._rollout_many(conds, ns, adapted=True)
             for term, states in zip(self.terms + self.keep_terms, all_states):
                 term["buf"].fill(states, ts, w)
+            # what the concept's prompt makes now: a sample of the current model (a preview for front ends)
+            self._emit({"type": "samples", "step": step, "name": self.terms[0]["name"],
+                        "samples": self.terms[0]["buf"].final[:1].detach()})
         need_ref = self.spec.objective in ("likelihood_ratio", "likelihood")
         per_wording = max(cfg.batch // max(len(self.terms) // len(self.constraints), 1), 8)
         draws = [term["buf"].draw(per_wording, self.gen) for term in self.terms]

@@ -147,20 +147,28 @@ class DemoModel:
         steps: int | None = None,
         batch_size: int = 256,
         progress=None,
+        seeds: list[int] | None = None,
     ) -> torch.Tensor:
         """``n`` images per prompt (prompt-major order), deterministic for a given seed: ``[P·n, 16, 16]`` in [0, 1].
 
         Classifier-free guidance ``ε = ε("") + w (ε(c) − ε(""))``; ``w = 1`` is the plain conditional model.
         DDIM with η = 0, no x0 clipping (clipping the hugely amplified early x0 estimates of an ε-model distorts
-        the trajectory; see MODEL_CARD.md).
+        the trajectory; see MODEL_CARD.md). ``seeds`` (one per prompt) draws each prompt's noise from its own
+        seed, as ``sample([p], n, seed=s)`` would, while all prompts share the batched forwards.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
         guidance = self.sampler.guidance if guidance is None else float(guidance)
         all_prompts = [p for p in prompts for _ in range(n)]
-        gen = torch.Generator().manual_seed(int(seed))
         size = self.unet.config.sample_size
-        noise = torch.randn(len(all_prompts), 1, size, size, generator=gen).to(self.device)
+        if seeds is None:
+            gen = torch.Generator().manual_seed(int(seed))
+            noise = torch.randn(len(all_prompts), 1, size, size, generator=gen).to(self.device)
+        else:
+            if len(seeds) != len(prompts):
+                raise ValueError(f"seeds: one per prompt expected ({len(prompts)}), got {len(seeds)}")
+            noise = torch.cat([torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(int(s)))
+                               for s in seeds]).to(self.device)
         hid, mask = self.encode(all_prompts)
         uhid, umask = self.encode([""])
         out = []
