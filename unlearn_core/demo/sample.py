@@ -8,6 +8,7 @@ The lead wires ``add_subcommand`` into ``unlearn_core.cli``; ``python -m unlearn
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import time
 from pathlib import Path
@@ -58,6 +59,7 @@ def _apply_lora(unet, path: Path, strength: float) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from ..report import write_bytes_atomic
     from .model import load_demo_model
 
     torch.set_num_threads(args.threads)
@@ -71,12 +73,16 @@ def run_sample(args: argparse.Namespace) -> int:
     seconds = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     arr = imgs.numpy().astype(np.float32)
-    np.save(args.out / "samples.npy", arr)
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    write_bytes_atomic(args.out / "samples.npy", buf.getvalue(), overwrite=True)  # a kill leaves old or new, never half
     for i, a in enumerate(arr):
         im = Image.fromarray((a * 255).round().astype(np.uint8), mode="L")
         if args.scale > 1:
             im = im.resize((a.shape[1] * args.scale, a.shape[0] * args.scale), Image.NEAREST)
-        im.save(args.out / f"{i:04d}.png")
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        write_bytes_atomic(args.out / f"{i:04d}.png", buf.getvalue(), overwrite=True)
     print(f"{args.n} images of {args.prompt!r} in {seconds:.1f} s -> {args.out}")
     return 0
 
