@@ -308,8 +308,17 @@ def test_save_writes_kohya_file_and_never_overwrites(pkg, model, tmp_path, monke
     assert name == "no cats.safetensors"
     lf = load_lora(tmp_path / name)
     assert lf.metadata["unlearn.method"] == "ru" and len(lf.modules) == len(lora.modules)
+    # the very LoRA it wrote, re-run (e.g. after ComfyUI's cache forgot the node): already there, nothing written
+    stat = (tmp_path / name).stat()
+    assert nodes.SaveUnlearningLora.execute(lora, "no cats", "fp32", False).result[0] == name
+    assert (tmp_path / name).stat().st_mtime_ns == stat.st_mtime_ns
+    # anything else under that name is refused without overwrite: another LoRA, or the same one in another dtype
+    other = _lora_for(pkg, model)
     with pytest.raises(FileExistsError, match="overwrite"):
-        nodes.SaveUnlearningLora.execute(lora, "no cats", "fp32", False)
+        nodes.SaveUnlearningLora.execute(other, "no cats", "fp32", False)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        nodes.SaveUnlearningLora.execute(lora, "no cats", "fp16", False)
+    assert (tmp_path / name).stat().st_mtime_ns == stat.st_mtime_ns
     nodes.SaveUnlearningLora.execute(lora, "no cats", "fp16", True)
     # the file round-trips into the same patches as the in-memory LoRA
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
