@@ -144,6 +144,7 @@ class ComfyDenoiser:
         self.layout = UNetLayout.from_ldm_config(base.model_config.unet_config)
         self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
         self.targets = targets
+        self.max_batch = 64  # samples per forward in the estimators' no-grad sweeps (SD latents: memory-bound)
         ms = base.model_sampling
         sigmas = ms.sigmas.detach().float().cpu()
         if num_timesteps is not None and num_timesteps != len(sigmas):

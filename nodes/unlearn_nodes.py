@@ -133,6 +133,29 @@ def _train(den: ComfyDenoiser, problem: Problem, config: TrainConfig, node_id: s
     return Trainer(den, problem, config, callbacks=[on_event, live], should_stop=_cancel).run()
 
 
+# Inputs and outputs the two training nodes share (each schema keeps its own order: saved workflows fill
+# widgets_values by position).
+def _model_input() -> io.Model.Input:
+    return io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to unlearn from.")
+
+
+def _steps_rank_inputs() -> list:
+    return [io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Training steps."),
+            io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank.")]
+
+
+def _lr_input() -> io.Float.Input:
+    return io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                          tooltip="Adam learning rate of the LoRA.")
+
+
+def _train_outputs(summary: str) -> list:
+    return [io.Model.Output(display_name="model", tooltip="The model with the unlearning LoRA applied."),
+            UnlearnLoraType.Output(display_name="unlearn_lora", tooltip="The trained LoRA, for Save / Apply Unlearning LoRA."),
+            io.Image.Output(display_name="curves", tooltip="Loss and λ per step."),
+            io.String.Output(display_name="summary", tooltip=summary)]
+
+
 class UnlearnConcept(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -144,7 +167,7 @@ class UnlearnConcept(io.ComfyNode):
                         "possible to the original (constrained unlearning: RU / LU, or the ESD baseline). Returns the "
                         "model with the LoRA applied; the input MODEL is not changed.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to unlearn from."),
+                _model_input(),
                 io.Clip.Input("clip", tooltip="The model's text encoder, used to encode the prompts."),
                 io.String.Input("concept", multiline=True, default="",
                                 tooltip="What to unlearn: one concept per line; several wordings of one concept "
@@ -158,13 +181,11 @@ class UnlearnConcept(io.ComfyNode):
                 io.Float.Input("threshold", default=1.0, min=0.001, max=1000.0, step=0.01,
                                tooltip="How far to move away from the concept: the required increase of the path KL "
                                        "(RU) or decrease of the log-ratio (LU). Ignored by ESD (it uses esd_eta)."),
-                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Training steps."),
-                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank."),
+                *_steps_rank_inputs(),
                 io.Combo.Input("targets", options=list(TARGET_PRESETS), default="xattn",
                                tooltip="Layers that get a LoRA: xattn = cross-attention keys/values (what the text "
                                        "reaches); attn = all attention projections; all = attention + feed-forward."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
-                               tooltip="Adam learning rate of the LoRA."),
+                _lr_input(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed for the LoRA initialisation and the sampled trajectories. The same "
                                      "inputs and seed train the same LoRA, so re-queuing reuses the cached one; "
@@ -184,13 +205,7 @@ class UnlearnConcept(io.ComfyNode):
                                      "estimates run on: more = finer estimates, proportionally slower."),
             ],
             hidden=[io.Hidden.unique_id],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with the unlearning LoRA applied."),
-                UnlearnLoraType.Output(display_name="unlearn_lora",
-                                       tooltip="The trained LoRA, for Save / Apply Unlearning LoRA."),
-                io.Image.Output(display_name="curves", tooltip="Loss and λ per step."),
-                io.String.Output(display_name="summary", tooltip="λ, thresholds and achieved constraint values."),
-            ],
+            outputs=_train_outputs("λ, thresholds and achieved constraint values."),
         )
 
     @classmethod
@@ -274,7 +289,7 @@ class UnlearnData(io.ComfyNode):
                         "the retain set is drawn from the unchanged model itself at the caption. Returns the model "
                         "with the LoRA applied; the input MODEL is not changed.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to unlearn from."),
+                _model_input(),
                 io.Vae.Input("vae", tooltip="The model's VAE, used to encode the images into latents."),
                 io.Image.Input("forget_images", tooltip="The images to forget (a batch, e.g. from Load Image)."),
                 io.Combo.Input("method", options=list(DATA_METHODS), default="FU",
@@ -286,14 +301,12 @@ class UnlearnData(io.ComfyNode):
                                        "the required increase of their negative ELBO, as a fraction of its value "
                                        "under the original model (0.05 = raise it by 5 %; 1.0 = double it). "
                                        "NegGrad / SISS only report against it."),
-                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Training steps."),
-                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank."),
+                *_steps_rank_inputs(),
                 io.Combo.Input("targets", options=list(TARGET_PRESETS), default="attn",
                                tooltip="Layers that get a LoRA: attn = all attention projections (default: images "
                                        "are not reached through the text alone); xattn = cross-attention keys/values "
                                        "(needs a CLIP); all = attention + feed-forward."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
-                               tooltip="Adam learning rate of the LoRA."),
+                _lr_input(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed for the LoRA initialisation, the noise draws and the retain samples. "
                                      "The same inputs and seed train the same LoRA, so re-queuing reuses the cached "
@@ -321,13 +334,7 @@ class UnlearnData(io.ComfyNode):
                                      "runs the UNet 5× per level and forget image: fewer = faster and coarser."),
             ],
             hidden=[io.Hidden.unique_id],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with the unlearning LoRA applied."),
-                UnlearnLoraType.Output(display_name="unlearn_lora",
-                                       tooltip="The trained LoRA, for Save / Apply Unlearning LoRA."),
-                io.Image.Output(display_name="curves", tooltip="Loss and λ per step."),
-                io.String.Output(display_name="summary", tooltip="λ, threshold and the achieved forget-set increase."),
-            ],
+            outputs=_train_outputs("λ, threshold and the achieved forget-set increase."),
         )
 
     @classmethod

@@ -71,6 +71,7 @@ class DiffusersDenoiser:
         adapter_name: str = "unlearn",
         sample_shape: Sequence[int] | None = None,
         prediction_type: str | None = None,
+        max_batch: int | None = 256,
     ):
         from peft import LoraConfig
 
@@ -80,6 +81,9 @@ class DiffusersDenoiser:
         self._encoder = encoder
         self.adapter_name = adapter_name
         self.targets = targets
+        # samples per forward in the estimators' long no-grad sweeps (calibration, NELBO, final estimates): past a
+        # few hundred, a UNet's attention memory grows and its per-sample time with it (None: everything at once)
+        self.max_batch = max_batch
         self.rank = rank
         self.alpha = float(alpha if alpha is not None else rank)
         if isinstance(scheduler, NoiseSchedule):

@@ -170,6 +170,9 @@ class TrainConfig:
     kl_t_min: int = 0
     estimate_samples: int = 256  # samples for LU's E[r] and the final estimates
     estimate_draws: int = 1
+    # NELBO / log-ratio sums (FU's forget set, LU's E[r]) visit every elbo_stride-th timestep (random offset,
+    # weighted ×stride): unbiased and stride× cheaper; LU estimates E[r] at every dual step, so it pays most
+    elbo_stride: int = 1
     grad_clip: float = 10.0
     seed: int = 0
     max_bad_steps: int = 20
@@ -191,7 +194,7 @@ class TrainConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "dual_every", "rollouts", "refresh_every", "estimate_samples"):
+        for name in ("steps", "batch", "dual_every", "rollouts", "refresh_every", "estimate_samples", "elbo_stride"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -372,7 +375,7 @@ class Trainer:
                 buf = _Buffer()
                 buf.fill(states, ts, w)
                 seps = [0.0] * len(members)
-                for chunk in torch.split(torch.arange(len(buf.t)), 2048):
+                for chunk in torch.split(torch.arange(len(buf.t)), self._chunk(1 + len(members))):
                     x, t, c = buf.x[chunk], buf.t[chunk], buf.c[chunk]
                     # the anchor's ε once, then every wording's
                     outs = self._frozen(x, t, [members[0]["anchor"]] + [m["concept"] for m in members])
@@ -389,19 +392,25 @@ class Trainer:
                 else:
                     r = log_ratio(self.d, final[:n], term["concept"], term["ref"], adapted=False,
                                   draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min,
-                                  t_max=self.cfg.rollout_t_max, seed=self.cfg.seed)
+                                  t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride, seed=self.cfg.seed)
                     per_term_cal.append(float(r.mean()))
             self.calibration = self._per_constraint(per_term_cal)
             self.separation = self._per_constraint(per_term_sep)
         else:
             f = self.p.data.forget
             base = nelbo(self.d, f, self.data_cond, adapted=False, draws=self.cfg.estimate_draws,
-                         t_max=self.cfg.rollout_t_max,
+                         t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride,
                          generator=torch.Generator().manual_seed(self.cfg.seed))
             self.calibration.append(0.0)  # the increase of the forget-set KL is 0 at the frozen model
             self.separation.append(float(base.mean()))
         self._emit({"type": "calibration", "calibration": self.calibration, "separation": self.separation})
         return self.calibration
+
+    def _chunk(self, n_conds: int) -> int:
+        """States per forward when ``n_conds`` conditionings share one call: the denoiser's ``max_batch`` (a UNet
+        on CPU slows down per sample past a few hundred; a toy MLP has no limit) split among them."""
+        cap = getattr(self.d, "max_batch", None)
+        return max(cap // n_conds, 1) if cap else 1 << 30
 
     def _per_constraint(self, per_term: list[float]) -> list[float]:
         """Average per-wording values into one value per concept constraint."""
@@ -516,7 +525,7 @@ class Trainer:
         """LU likelihood form: r̂ = exp(log-ratio) at the predicted clean sample x̂0 (clipped for stability)."""
         x0 = self.d.schedule.predict_x0(x, t, eps_anchor).clamp(-10, 10)
         r = log_ratio(self.d, x0, term["concept"], term["ref"], adapted=False, draws=1,
-                      t_min=self.cfg.kl_t_min, t_max=self.cfg.rollout_t_max,
+                      t_min=self.cfg.kl_t_min, t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride,
                       seed=int(torch.randint(2**31, (1,), generator=self.gen)))
         return r.clamp(-20, 5).exp().float()
 
@@ -581,7 +590,7 @@ class Trainer:
                     buf = _Buffer()
                     buf.fill(states, ts, w)
                     tot = 0.0
-                    for chunk in torch.split(torch.arange(len(buf.t)), 8192):
+                    for chunk in torch.split(torch.arange(len(buf.t)), self._chunk(1)):
                         x, t, c = buf.x[chunk], buf.t[chunk], buf.c[chunk]
                         p = self.d.predict(x, t, term["edit"], adapted=True)
                         (e_q,) = self._frozen(x, t, [term["concept"]])
@@ -591,7 +600,7 @@ class Trainer:
                 else:
                     r = log_ratio(self.d, states[-1], term["concept"], term["ref"], adapted=False,
                                   draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min,
-                                  t_max=self.cfg.rollout_t_max, seed=self.cfg.seed + 1)
+                                  t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride, seed=self.cfg.seed + 1)
                     out.append(float(r.mean()))
             out = self._per_constraint(out)
         else:
@@ -599,9 +608,9 @@ class Trainer:
             g1, g2 = (torch.Generator().manual_seed(self.cfg.seed + 7) for _ in range(2))
             draws = max(self.cfg.estimate_draws, 2)
             adapted = nelbo(self.d, f, self.data_cond, adapted=True, draws=draws, generator=g1,
-                            t_max=self.cfg.rollout_t_max)
+                            t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride)
             base = nelbo(self.d, f, self.data_cond, adapted=False, draws=draws, generator=g2,
-                         t_max=self.cfg.rollout_t_max)
+                         t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride)
             out.append(float((adapted - base).mean()))
         return out
 
@@ -706,7 +715,7 @@ class Trainer:
             for term in self.terms:
                 x0 = term["buf"].final
                 r = log_ratio(self.d, x0, term["concept"], term["ref"], adapted=False, draws=1,
-                              t_min=self.cfg.kl_t_min, t_max=self.cfg.rollout_t_max,
+                              t_min=self.cfg.kl_t_min, t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride,
                               seed=int(torch.randint(2**31, (1,), generator=self.gen)))
                 per_term.append(float(r.mean()))
             stats["est"] = [[v] for v in self._per_constraint(per_term)]

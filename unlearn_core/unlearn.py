@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "keep_rollouts": 1,
     "refresh_every": 20,
     "estimate_samples": 64,
+    "elbo_stride": 1,  # NELBO / log-ratio sums visit every k-th timestep (×k): LU's dual steps get k× cheaper
     # data unlearning
     # the forget set's NELBO (summed over the steps a sampler takes) must rise by this fraction of its base value
     "fu_threshold": 0.05,
@@ -408,7 +409,8 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
                              rollouts=d["rollouts"], keep_rollouts=d["keep_rollouts"], rollout_jumps=d["rollout_jumps"],
                              refresh_every=d["refresh_every"], guidance=d["guidance"],
                              estimate_samples=d["estimate_samples"], seed=job.seed, keep_weight=d["keep_weight"],
-                             rollout_t_max=sampler_start(model), dual_warmup=d["dual_warmup"])
+                             rollout_t_max=sampler_start(model), dual_warmup=d["dual_warmup"],
+                             elbo_stride=d["elbo_stride"])
         return problem, config
     files = job._forget_files  # type: ignore[attr-defined]
     # a latent model reads images at sample_size × vae_scale_factor pixels and VAE-encodes them; the demo: pixels
@@ -430,7 +432,8 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
     config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["fu_batch"], dual_every=d["fu_dual_every"], dual_lr=d["dual_lr"],
                          dual_smoothing=0.5, estimate_samples=d["estimate_samples"],
                          polish_fraction=d["fu_polish_fraction"],
-                         estimate_draws=d["fu_estimate_draws"], seed=job.seed, rollout_t_max=sampler_start(model))
+                         estimate_draws=d["fu_estimate_draws"], seed=job.seed, rollout_t_max=sampler_start(model),
+                         elbo_stride=d["elbo_stride"])
     return problem, config
 
 

@@ -1,0 +1,53 @@
+"""The frontier benchmark's bookkeeping (benchmarks/frontier.py): aggregation over seeds and the verdicts at matched
+forgetting, on synthetic rows (the benchmark itself is a script: `python benchmarks/frontier.py --quick`)."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("frontier", Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py")
+frontier = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(frontier)
+
+
+def row(method, setting, seed, forget, retention, near=None, task="concept", **kw):
+    return {"task": task, "method": method, "setting": setting, "seed": seed, "forget": forget,
+            "retention": retention, "near_retention": retention if near is None else near, **kw}
+
+
+def test_aggregate_gives_mean_and_sd_over_seeds_and_skips_failed_runs():
+    rows = [row("ru", 2.0, 0, 0.9, 0.8), row("ru", 2.0, 1, 1.0, 0.9), {"task": "concept", "method": "ru",
+                                                                         "setting": 2.0, "seed": 2, "error": "boom"}]
+    agg = frontier.aggregate(rows)
+    v = agg[("concept", "ru", 2.0)]
+    assert v["runs"] == 2
+    assert v["forget"][0] == pytest.approx(0.95) and v["forget"][1] == pytest.approx(math.sqrt(0.005))
+    assert math.isnan(v["class_accuracy"][0])
+
+
+def test_verdicts_read_our_frontier_at_the_baselines_forgetting():
+    rows = [row("ru", 1.0, 0, 0.6, 0.95), row("ru", 3.0, 0, 1.0, 0.85),  # ours: linear from (0.6, .95) to (1, .85)
+            row("esd", 0.5, 0, 0.8, 0.80),  # at 0.8 ours reads 0.90: above
+            row("esd", 1.0, 0, 0.9, 0.95),  # at 0.9 ours reads 0.875: below
+            row("esd", 2.0, 0, 0.4, 0.99)]  # outside our range, and none of ours keeps 0.99
+    lines = [v for v in frontier.verdicts(frontier.aggregate(rows)) if "retention 0" in v or "retention" in v]
+    ret = [v for v in lines if ", retention " in v or "on retention" in v]
+    assert any("ESD 0.5" in v and "0.900 vs 0.800" in v and "above" in v for v in ret), ret
+    assert any("ESD 1" in v and "0.875 vs 0.950" in v and "below" in v for v in ret), ret
+    assert any("ESD 2" in v and "outside" in v and "no setting of ours dominates" in v for v in ret), ret
+
+
+def test_a_baseline_point_beyond_our_range_is_dominated_only_if_one_of_ours_forgets_and_keeps_more():
+    rows = [row("ru", 1.0, 0, 0.95, 0.9), row("esd", 1.0, 0, 0.5, 0.85)]
+    v = [x for x in frontier.verdicts(frontier.aggregate(rows)) if "on retention" in x or "keeps retention" in x]
+    assert v and "RU 1 forgets at least as much and keeps retention" in v[0]
+
+
+def test_data_verdicts_compare_class_accuracy_and_skip_methods_without_runs():
+    rows = [row("fu", 0.05, 0, 0.05, 0.9, task="data", class_accuracy=0.95),
+            row("fu", 0.1, 0, 0.10, 0.9, task="data", class_accuracy=0.85),
+            row("neggrad", 0.2, 0, 0.075, 0.9, task="data", class_accuracy=0.80)]
+    v = frontier.verdicts(frontier.aggregate(rows))
+    assert len(v) == 1 and "FU vs NEGGRAD 0.2" in v[0] and "class_accuracy 0.900 vs 0.800" in v[0] and "above" in v[0]
