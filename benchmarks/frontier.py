@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", default=None, metavar="SPEC",
                    help="run only these methods and settings, e.g. 'ru=1.5,2.5;esd=1' (default: the built-in grid)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "frontier")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs of an interrupted benchmark with the same options (runs.jsonl)")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     grid = QUICK_GRID if args.quick else GRID
@@ -370,10 +372,28 @@ def main(argv: list[str] | None = None) -> int:
     tasks.sort(key=lambda t: -cost[t["method"]])
     print(f"{len(tasks)} runs, {args.workers} workers × {args.threads} thread(s); n = {opts['n']} per prompt; "
           f"steps: concept {opts['concept_steps']}, data {opts['data_steps']}", flush=True)
-    rows = []
+    # every finished run is appended to runs.jsonl at once; --resume keeps the finished runs of the same options
+    log_file = args.out / "runs.jsonl"
+    fp = {k: v for k, v in opts.items() if k != "out"}
+    done: dict = {}
+    if args.resume and log_file.exists():
+        for line in log_file.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if rec.get("options") == json.loads(json.dumps(fp)) and "error" not in rec["row"]:
+                r = rec["row"]
+                done[(r["task"], r["method"], r["setting"], r["seed"])] = r
+    elif log_file.exists():
+        log_file.unlink()
+    rows = [done[k] for k in done if any(k == (t["task"], t["method"], t["setting"], t["seed"]) for t in tasks)]
+    todo = [t for t in tasks if (t["task"], t["method"], t["setting"], t["seed"]) not in done]
+    if rows:
+        print(f"--resume: {len(rows)} finished runs kept from {log_file}", flush=True)
     ctx = get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker, initargs=(args.threads,)) as ex:
-        futs = {ex.submit(run_task, t, opts): t for t in tasks}
+        futs = {ex.submit(run_task, t, opts): t for t in todo}
         for fut in futs:
             t = futs[fut]
             try:
@@ -381,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # one failed run is reported, the others go on
                 r = {**t, "error": f"{type(e).__name__}: {e}"}
             rows.append(r)
+            with log_file.open("a") as f:
+                f.write(json.dumps({"options": fp, "row": r}, default=str) + "\n")
             print(f"  {t['task']:7} {t['method']:7} {t['setting']:<6g} seed {t['seed']}: " +
                   (r["error"] if "error" in r else
                    f"forget {r['forget']:.3f}, retention {r['retention']:.3f}, near {r['near_retention']:.3f}, "
@@ -423,9 +445,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({100 * within:.0f} %; goal ≥ 90 %)")
     files = plots(ok_rows, agg, args.out)
     wall = time.perf_counter() - t_start
-    print(f"wall time {wall / 60:.1f} min ({'quick' if args.quick else 'full'}; goal < {5 if args.quick else 60} min); "
+    kept = f" — this invocation only: {len(done)} runs kept by --resume" if done else ""
+    print(f"wall time {wall / 60:.1f} min{kept} ({'quick' if args.quick else 'full'}; goal < {5 if args.quick else 60} min); "
           f"plots: {', '.join(Path(f).name for f in files)} in {args.out}")
     summary = {"quick": args.quick, "seeds": seeds, "n_per_prompt": opts["n"], "wall_seconds": round(wall, 1),
+               "runs_kept_by_resume": len(done),
                "concept_steps": opts["concept_steps"], "data_steps": opts["data_steps"], "shared": opts["shared"],
                "near_digits": base["near_digits"] if base else None,
                "groups": [{"task": k[0], "method": k[1], "setting": k[2], "runs": v["runs"],

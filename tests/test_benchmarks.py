@@ -51,3 +51,28 @@ def test_data_verdicts_compare_class_accuracy_and_skip_methods_without_runs():
             row("neggrad", 0.2, 0, 0.075, 0.9, task="data", class_accuracy=0.80)]
     v = frontier.verdicts(frontier.aggregate(rows))
     assert len(v) == 1 and "FU vs NEGGRAD 0.2" in v[0] and "class_accuracy 0.900 vs 0.800" in v[0] and "above" in v[0]
+
+
+def test_resume_keeps_the_finished_runs_of_the_same_options_and_reruns_nothing(tmp_path, capsys):
+    """A benchmark cut short is continued with --resume: runs.jsonl rows with the same options are kept (a line cut
+    short by a kill is skipped), so a fully logged grid reruns nothing and still writes its summary and plots."""
+    import json
+
+    opts = {"n": 12, "eval_seed": 1000, "concept_steps": 80, "data_steps": 80, "shared": frontier.SHARED}
+    base = {"retention_before": 1.0, "near_retention_before": 1.0, "erased_rate_before": 1.0, "near_digits": [8, 9],
+            "lambda": 0.3, "train_seconds": 1.0}
+    rows = [row("ru", 2.0, 0, 0.9, 0.95, **base, achieved_over_requested=1.02),
+            row("esd", 1.0, 0, 1.0, 0.80, **base)]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps({"options": opts, "row": r}) + "\n" for r in rows)
+                                         + '{"options": {"n"')
+    assert frontier.main(["--grid", "ru=2;esd=1", "--seeds", "1", "--out", str(tmp_path), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "--resume: 2 finished runs kept" in out and "2 runs kept by --resume" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert {(g["method"], g["runs"]) for g in summary["groups"]} == {("ru", 1), ("esd", 1)}
+    assert (tmp_path / "frontier_concept.png").exists()
+    # other options: nothing is kept
+    assert frontier.main(["--grid", "ru=2;esd=1", "--seeds", "1", "--out", str(tmp_path), "--resume", "-n", "5",
+                          "--tasks", "data"]) == 0
+    out = capsys.readouterr().out
+    assert "--resume:" not in out and json.loads(out.strip().splitlines()[-1])["runs_kept_by_resume"] == 0
