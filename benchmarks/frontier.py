@@ -70,7 +70,7 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _state(opts: dict) -> dict:
+def _state() -> dict:
     """The worker's model, judge, a pristine UNet copy and its caches (built on first use)."""
     if not _W:
         from unlearn_core.demo import load_demo_model, load_judge
@@ -129,7 +129,7 @@ def run_task(task: dict, opts: dict) -> dict:
     from unlearn_core.evaluate import sample_suite, summarize
     from unlearn_core.trainer import Trainer
 
-    w = _state(opts)
+    w = _state()
     model, judge = w["model"], w["judge"]
     before = _base_suite(w, opts)
     if w["near"] is None:
