@@ -149,6 +149,13 @@ def _lr_input() -> io.Float.Input:
                           tooltip="Adam learning rate of the LoRA.")
 
 
+def _micro_batch_input() -> io.Int.Input:
+    return io.Int.Input("micro_batch", default=0, min=0, max=4096, optional=True,
+                        tooltip="Samples per trained forward + backward; 0 = a whole step at once. Lower it when "
+                                "training runs out of memory (large images, SDXL): the same training, the "
+                                "activations of this many samples at a time, a little slower.")
+
+
 def _train_outputs(summary: str) -> list:
     return [io.Model.Output(display_name="model", tooltip="The model with the unlearning LoRA applied."),
             UnlearnLoraType.Output(display_name="unlearn_lora", tooltip="The trained LoRA, for Save / Apply Unlearning LoRA."),
@@ -203,6 +210,7 @@ class UnlearnConcept(io.ComfyNode):
                 io.Int.Input("trajectory_steps", default=20, min=2, max=1000, optional=True,
                              tooltip="Denoising steps of the sampled trajectories that training and the constraint "
                                      "estimates run on: more = finer estimates, proportionally slower."),
+                _micro_batch_input(),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=_train_outputs("λ, thresholds and achieved constraint values."),
@@ -211,7 +219,7 @@ class UnlearnConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept: str, anchor: str, method: str, threshold: float, steps: int, rank: int,
                 targets: str, learning_rate: float, seed: int, width: int, height: int, batch: int, esd_eta: float,
-                keep_prompts: str = "", trajectory_steps: int = 20) -> io.NodeOutput:
+                keep_prompts: str = "", trajectory_steps: int = 20, micro_batch: int = 0) -> io.NodeOutput:
         concepts = parse_concepts(concept)
         if not concepts:
             raise ValueError("Unlearn Concept: 'concept' is empty — type what to unlearn, e.g. 'Van Gogh'")
@@ -228,7 +236,7 @@ class UnlearnConcept(io.ComfyNode):
                           fixed_weight=esd_eta if key == "esd" else None)
         config = TrainConfig(steps=steps, lr=learning_rate, batch=batch, dual_every=min(10, steps),
                              rollouts=max(2, batch // 2), rollout_jumps=trajectory_steps, refresh_every=10,
-                             estimate_samples=max(4, batch), seed=seed)
+                             estimate_samples=max(4, batch), seed=seed, micro_batch=micro_batch or None)
         # ComfyUI runs nodes under inference mode; autograd needs it off (as in comfy_extras/nodes_train.py).
         with torch.inference_mode(False), torch.enable_grad():
             den = ComfyDenoiser(model, clip=clip, targets=targets, rank=rank, latent_hw=(height // 8, width // 8),
@@ -332,6 +340,7 @@ class UnlearnData(io.ComfyNode):
                              tooltip="Noise levels used for training and for the forget-set estimate: this many "
                                      "evenly spaced levels of the model's 1000 (1000 = all of them). The estimate "
                                      "runs the UNet 5× per level and forget image: fewer = faster and coarser."),
+                _micro_batch_input(),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=_train_outputs("λ, threshold and the achieved forget-set increase."),
@@ -340,7 +349,8 @@ class UnlearnData(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, forget_images, method: str, threshold: float, steps: int, rank: int, targets: str,
                 learning_rate: float, seed: int, batch: int, weight: float, retain_samples: int,
-                retain_images=None, clip=None, caption: str = "", timesteps: int = 100) -> io.NodeOutput:
+                retain_images=None, clip=None, caption: str = "", timesteps: int = 100,
+                micro_batch: int = 0) -> io.NodeOutput:
         if method not in DATA_METHODS:
             raise ValueError(f"Unlearn Data: unknown method {method!r}; choose one of {', '.join(DATA_METHODS)}")
         check_model(model)
@@ -367,7 +377,8 @@ class UnlearnData(io.ComfyNode):
         cond = caption if clip is not None else zero_conditioning(model)
         # no polish phase: FU's primal has no fixed point at a frozen λ (see unlearn_core.unlearn.DEFAULTS)
         config = TrainConfig(steps=steps, lr=learning_rate, batch=batch, dual_every=min(10, steps),
-                             estimate_samples=max(4, batch), seed=seed, polish_fraction=0.0)
+                             estimate_samples=max(4, batch), seed=seed, polish_fraction=0.0,
+                             micro_batch=micro_batch or None)
         with torch.inference_mode(False), torch.enable_grad():
             den = ComfyDenoiser(model, clip=clip, targets=targets, rank=rank, latent_hw=tuple(forget.shape[-2:]),
                                 seed=seed, num_timesteps=timesteps)

@@ -302,7 +302,7 @@ OBJECT_INFO = {
          "steps": ["INT", {}], "rank": ["INT", {}], "targets": _combo(["xattn", "attn", "all"]),
          "learning_rate": ["FLOAT", {}], "seed": ["INT", {"control_after_generate": True}], "width": ["INT", {}],
          "height": ["INT", {}], "batch": ["INT", {}], "esd_eta": ["FLOAT", {}]},
-        {"keep_prompts": ["STRING", {"multiline": True}], "trajectory_steps": ["INT", {}]}),
+        {"keep_prompts": ["STRING", {"multiline": True}], "trajectory_steps": ["INT", {}], "micro_batch": ["INT", {}]}),
     "Unlearn_SaveUnlearningLora": _info({"unlearn_lora": ["UNLEARN_LORA", {}], "filename": ["STRING", {}],
                                          "dtype": _combo(["fp16", "bf16", "fp32"]), "overwrite": ["BOOLEAN", {}]}),
 }
@@ -426,7 +426,7 @@ COMFY_JOBS = {"defaults": {"steps": 3, "seed": 7,
               "jobs": [{"name": "no_van_gogh", "concept": "Van Gogh | painting by Van Gogh", "anchor": "a painting",
                         "threshold": 1.5, "lr": 1e-4, "keep": ["a photo of a cat"], "rank": 8},
                        {"concept": ["Picasso", "Monet"], "method": "lu", "model": "third.safetensors",
-                        "out": "ignored-with-comfyui"}]}
+                        "out": "ignored-with-comfyui", "micro_batch": 4}]}
 
 
 def run_comfy(tmp_path: Path, comfy: FakeComfy, jobs: dict, *extra: str) -> tuple[int, dict, str]:
@@ -453,6 +453,7 @@ def test_comfyui_jobs_are_queued_as_the_example_workflow_with_each_jobs_settings
     assert second["8"]["inputs"]["concept"] == "Picasso\nMonet" and second["8"]["inputs"]["method"] == "LU"
     assert second["12"]["inputs"]["filename"] == "lu-picasso_monet"  # ComfyUI's Save node takes no '+'
     assert second["1"]["inputs"]["ckpt_name"] == "third.safetensors"  # `model` names the checkpoint
+    assert second["8"]["inputs"]["micro_batch"] == 4 and first["8"]["inputs"]["micro_batch"] == 0  # else the file's
     assert "15" not in first  # the workflow's note is not a server node
     assert all(body["client_id"] == comfy.posted[0]["client_id"] for body in comfy.posted)
 

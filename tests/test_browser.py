@@ -1,12 +1,14 @@
 """The served ComfyUI front end (0.3.75, frontend package 1.32.x) in headless Chromium, with this package linked into
 ``custom_nodes``: our JS extension loads, our nodes are in the node library, an example workflow opens on the canvas
-with its widget values, the live training chart draws from "unlearn.progress" events, and the console stays free of
-errors from us. A screenshot is kept as an artifact (``$UNLEARN_ARTIFACTS/frontend.png``, else pytest's tmp dir).
+with its widget values, the live training chart draws from "unlearn.progress" events — first fake ones, then those
+of a real training run the page queues — and the console stays free of errors from us. Screenshots are kept as
+artifacts (``$UNLEARN_ARTIFACTS/frontend*.png``, else pytest's tmp dir).
 
 Chromium is driven over the DevTools protocol (CDP) with aiohttp's websocket client (already in the venv: ComfyUI
-needs it). One ComfyUI server (no checkpoint: the front end loads without models) and one Chromium for the module,
-both killed by process group at teardown. Skipped if Chromium is not installed (``apt-get install chromium``) or
-ComfyUI cannot be obtained. About 1 minute on two shared CPU cores: ComfyUI's start-up ~40 s, the page ~10 s.
+needs it). One ComfyUI server (with the generated random SD1.5 checkpoint of the server tests, for the real run) and
+one Chromium for the module, both killed by process group at teardown. Skipped if Chromium is not installed
+(``apt-get install chromium``) or ComfyUI cannot be obtained. About 2–4 minutes on two shared CPU cores: ComfyUI's
+start-up ~40 s, the page ~10 s, the real run (two training steps, two 2-step samplers) 1–2 min.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from comfy_env import ComfyUnavailable, comfyui_dir
-from comfy_server import ComfyServer, kill_group
+from comfy_server import CHECKPOINT, ComfyServer, kill_group, sd15_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "example_workflows" / "01_erase_a_concept.json"
@@ -45,7 +47,7 @@ WINDOW = (1600, 1000)
 TOLERATED = (
     # The test machine may have no internet: the front end's calls to api.comfy.org (release notes, the registry's
     # entries for the node types of a loaded workflow) fail, and so does the missing-models dialog's request for the
-    # size of the example's checkpoint at its download URL (the server has no models). Our code fetches nothing
+    # size of the example's checkpoint at its download URL (the server does not have it). Our code fetches nothing
     # from outside the server.
     (re.compile(r"net::ERR_[A-Z_]+ https://(api\.comfy\.org|huggingface\.co)/"), "no internet on the test machine"),
     (re.compile(r"^Error fetching file size: TypeError: Failed to fetch\s+at fetchFileSize "),
@@ -236,7 +238,8 @@ def server(chromium, tmp_path_factory):
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-    srv = ComfyServer(root, base)
+    # the generated random SD1.5 checkpoint (cached; the same file the server tests use): one real training run
+    srv = ComfyServer(root, base, sd15_checkpoint(root))
     srv.start()
     yield srv
     srv.stop()
@@ -325,7 +328,7 @@ def workflow(page):
             dialogs: [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText),
         }};
     }})()""", timeout=60)
-    # Close the dialogs (the missing-models one: the server has no checkpoint) so the screenshots show the canvas.
+    # Close the dialogs (the missing-models one: the server lacks the example's checkpoint) so the screenshots show the canvas.
     result["open_after_close"] = page.evaluate("""(async () => {
         for (let i = 0; i < 5 && document.querySelector(".p-dialog"); i++) {
             document.querySelector(".p-dialog .p-dialog-close-button")?.click();
@@ -396,6 +399,66 @@ def chart(workflow, page, loaded_screenshot, artifacts):
     return result
 
 
+# Widget values for the real run, by node type: one wording, two steps at 64×64 on the random checkpoint (the
+# trainer draws 8 samples per wording and step: ~20 s a step here), samplers at 2 steps.
+REAL_RUN = {
+    "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 2, "cfg": 1.0},
+    "Unlearn_UnlearnConcept": {"concept": "Van Gogh", "steps": 2, "width": 64, "height": 64, "batch": 1,
+                               "trajectory_steps": 2, "learning_rate": 0.05},
+    "Unlearn_SaveUnlearningLora": {"filename": "browser_run"},
+}
+
+
+@pytest.fixture(scope="module")
+def real_run(workflow, page, chart, server, artifacts):
+    """The loaded example, set to the tiny values above and queued from the page (``app.queuePrompt``, what the
+    Queue button does); the chart is then fed by the server's own "unlearn.progress" messages over the page's
+    websocket. Waits for the prompt in /history, then redraws the node as ``chart`` does."""
+    (node_id,) = [n["id"] for n in workflow["nodes"] if n["type"] == "Unlearn_UnlearnConcept"]
+    before = set(server.get("/history"))
+    page.evaluate(f"""(async () => {{
+        const app = window.app;
+        for (const [type, values] of Object.entries({json.dumps(REAL_RUN)})) {{
+            const nodes = app.graph.nodes.filter((n) => n.type === type);
+            if (!nodes.length) throw new Error(`no ${{type}} node`);
+            for (const n of nodes) for (const [name, value] of Object.entries(values)) {{
+                const w = n.widgets.find((w) => w.name === name);
+                if (!w) throw new Error(`${{type}} has no widget ${{name}}`);
+                w.value = value;
+            }}
+        }}
+        await app.queuePrompt(0, 1);
+    }})()""", timeout=60)
+    deadline, entry = time.monotonic() + 900, None
+    while time.monotonic() < deadline:
+        new = {k: v for k, v in server.get("/history").items() if k not in before}
+        entry = next(iter(new.values()), None)
+        if entry is not None and entry.get("status", {}).get("completed") is not None:
+            break
+        if entry is not None and entry.get("status", {}).get("status_str") == "error":
+            break
+        time.sleep(1)  # polling the server, not timing
+    assert entry is not None, "the queued workflow did not reach /history within 15 min:\n" + server.log()[-3000:]
+    result = page.evaluate(f"""(async () => {{
+        const app = window.app;
+        const node = app.graph.getNodeById({json.dumps(node_id)});
+        app.canvas.ds.scale = 1;
+        app.canvas.centerOnNode(node);
+        const ctx = app.canvas.ctx, texts = [];
+        const fillText = ctx.fillText;
+        ctx.fillText = function (t, ...rest) {{ texts.push(String(t)); return fillText.call(this, t, ...rest); }};
+        try {{ app.canvas.draw(true, true); }} finally {{ delete ctx.fillText; }}
+        await new Promise((r) => requestAnimationFrame(() => r()));
+        return {{series: node.unlearnSeries, texts}};
+    }})()""")
+    result["status"] = entry["status"]
+    result["lora"] = server.loras / "browser_run.safetensors"
+    result["png"] = screenshot(page, artifacts / "frontend-real-run.png")
+    return result
+
+
 # ------------------------------------------------------------------------------------------------ tests
 def test_front_end_loads_and_registers_our_extension(page, server):
     names = page.evaluate("app.extensions.map((e) => e.name)")
@@ -421,7 +484,7 @@ def test_our_nodes_are_in_the_node_library(page):
 
 def test_example_workflow_opens_with_its_widget_values(workflow):
     assert workflow["missing"] == [], f"missing node types: {workflow['missing']}"
-    # The only dialog expected: "Missing Models", the example's checkpoint is not on the server (it has no models).
+    # The only dialog expected: "Missing Models", the example's checkpoint is not on the server (only the random one).
     assert all("Missing Models" in d and "checkpoints / v1-5-pruned-emaonly-fp16" in d for d in workflow["dialogs"]), \
         workflow["dialogs"]
     assert not workflow["open_after_close"], workflow["open_after_close"]
@@ -475,7 +538,23 @@ def test_progress_events_feed_the_chart_and_it_draws(chart):
     assert (width, height) == WINDOW
 
 
-def test_no_console_errors_from_our_extension(page, workflow, chart, artifacts):
+def test_a_real_run_queued_from_the_page_feeds_the_chart(real_run):
+    """Queued from the page, the example trains on the server, and the chart on the node holds what the server
+    sent: a fresh series (the fake events above are gone) named after the concept, both steps' losses, λ from the
+    dual update at the last step, drawn as "step 2/2"."""
+    assert real_run["status"]["status_str"] == "success", real_run["status"]
+    s = real_run["series"]
+    assert s["names"] == ["Van Gogh"] and s["total"] == 2 and s["step"] == 2, s
+    assert [st for st, _ in s["loss"]] == [0, 1] and all(isinstance(v, float) and v >= 0 for _, v in s["loss"]), s
+    assert [st for st, _ in s["lambda"]] == [1] and len(s["lambda"][0][1]) == 1, s
+    lam = s["lambda"][0][1][0]
+    assert isinstance(lam, (int, float)) and 0 <= lam <= 1, s
+    assert "step 2/2" in real_run["texts"], real_run["texts"]
+    assert real_run["lora"].is_file()  # the graph ran to its end: the Save node wrote the LoRA
+    assert png_size(real_run["png"]) == WINDOW
+
+
+def test_no_console_errors_from_our_extension(page, workflow, chart, real_run, artifacts):
     msgs = console_messages(page)
     (artifacts / "console.json").write_text(json.dumps(msgs, indent=1))
     # The front end asks api.comfy.org about the node types of a loaded workflow (.../comfy-nodes/Unlearn_…/node):

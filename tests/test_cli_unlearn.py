@@ -97,6 +97,7 @@ def test_existing_output_is_not_overwritten(run_dir, capsys):
     (["--concept", "three", "--set", "no_such_knob=1"], "KEY=VALUE"),
     (["--concept", "three", "--set", "steps=many"], "not a valid int"),
     (["--concept", "three", "--set", "dual_lr=-1"], ">= 0"),
+    (["--concept", "three", "--micro-batch", "-1"], "--micro-batch must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -107,6 +108,29 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_micro_batch_bounds_the_trained_forwards_and_gives_the_same_lora(run_dir, tmp_path, monkeypatch):
+    """``--micro-batch 3``: no trained forward sees more than 3 samples, and the LoRA is the default run's (the
+    run_dir fixture: same options and seed) up to float rounding."""
+    from unlearn_core import trainer
+
+    sizes = []
+    real = trainer.predict_groups
+
+    def recording(denoiser, groups, adapted):
+        if adapted and torch.is_grad_enabled():
+            sizes.append(sum(len(x) for x, _, _ in groups))
+        return real(denoiser, groups, adapted)
+
+    monkeypatch.setattr(trainer, "predict_groups", recording)
+    out = tmp_path / "micro"
+    assert cli.main(["unlearn", "--concept", "three", "--out", str(out), *TINY, "--micro-batch", "3"]) == 0
+    assert sizes and max(sizes) <= 3
+    a, b = load_lora(run_dir / "ru-three.safetensors"), load_lora(out / "ru-three.safetensors")
+    for name, m in a.modules.items():
+        for got, want in ((b.modules[name].down, m.down), (b.modules[name].up, m.up)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(want.abs().max()))
 
 
 def test_non_writable_output_folder_is_exit_code_2(tmp_path, capsys):

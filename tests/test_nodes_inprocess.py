@@ -219,6 +219,42 @@ def test_unlearn_concept_trains_and_leaves_the_input_model_alone(pkg):
     assert lora.metadata["unlearn.method"] == "ru"
 
 
+def test_micro_batch_bounds_the_trained_forwards_of_both_training_nodes(pkg, monkeypatch):
+    """``micro_batch`` reaches the trainer: no forward with gradients sees more samples than it (concept: 2
+    wordings × 8 + a kept prompt's 8 samples per step; data: 2 × batch 2 per step)."""
+    import sys
+
+    nodes, sizes = pkg["unlearn_nodes"], []
+    trainer = sys.modules[nodes.Trainer.__module__]  # the package under test's own copy of unlearn_core.trainer
+    real = trainer.predict_groups
+
+    def recording(denoiser, groups, adapted):
+        if adapted and torch.is_grad_enabled():
+            sizes.append(sum(len(x) for x, _, _ in groups))
+        return real(denoiser, groups, adapted)
+
+    monkeypatch.setattr(trainer, "predict_groups", recording)
+    for micro in (0, 3):
+        sizes.clear()
+        nodes.UnlearnConcept.execute(tiny_model(seed=1), FakeClip(), concept="a cat | kitten", anchor="", method="RU",
+                                     threshold=0.5, steps=2, rank=1, targets="xattn", learning_rate=1e-2, seed=0,
+                                     width=64, height=64, batch=8, esd_eta=1.0, keep_prompts="a dog",
+                                     trajectory_steps=3, micro_batch=micro)
+        assert max(sizes) == (24 if micro == 0 else 3), sizes
+    seen = []
+    real_predict = pkg["comfy_denoiser"].ComfyDenoiser.predict
+
+    def predict(self, x, t, cond, adapted=True):
+        if adapted and torch.is_grad_enabled():
+            seen.append(len(x))
+        return real_predict(self, x, t, cond, adapted)
+
+    monkeypatch.setattr(pkg["comfy_denoiser"].ComfyDenoiser, "predict", predict)
+    nodes.UnlearnData.execute(tiny_model(seed=3), FakeVae(), images(2), retain_images=images(3, seed=1),
+                              clip=FakeClip(), caption="a cat", **{**DATA_KW, "batch": 4}, micro_batch=1)
+    assert seen and max(seen) == 2  # one retain + one forget sample per forward
+
+
 def test_unlearn_concept_updates_the_progress_bar_once_per_step(pkg, monkeypatch):
     import comfy.utils
 

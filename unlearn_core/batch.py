@@ -65,7 +65,7 @@ UNLEARN_NODE, SAVE_NODE = "Unlearn_UnlearnConcept", "Unlearn_SaveUnlearningLora"
 # values (the CLI's defaults are tuned for the demo model on a CPU, the workflow's for SD checkpoints).
 NODE_INPUTS = {"concept": "concept", "anchor": "anchor", "method": "method", "threshold": "threshold",
                "steps": "steps", "rank": "rank", "targets": "targets", "lr": "learning_rate", "seed": "seed",
-               "weight": "esd_eta", "keep": "keep_prompts"}
+               "weight": "esd_eta", "keep": "keep_prompts", "micro_batch": "micro_batch"}
 _wait = time.sleep  # the --comfyui poll interval (tests replace it)
 
 

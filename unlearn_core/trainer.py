@@ -179,6 +179,10 @@ class TrainConfig:
     keep_weight: float = 1.0
     keep_batch: int | None = None  # samples per kept prompt and step (None: ``batch``); many kept prompts → small
     keep_rollouts: int | None = None  # trajectories per kept prompt and refresh (None: ``rollouts``)
+    # Samples per adapted forward + backward (None: all of a step's samples in one). A step's gradient is then
+    # accumulated over micro-batches: the same step up to float rounding, with the autograd activations of
+    # micro_batch samples instead of the whole step's (what dominates memory past the weights on a large UNet).
+    micro_batch: int | None = None
     # Primal–dual iterates converge on average, not pointwise: λ keeps oscillating around λ* by the controller's
     # ripple. For the last ``polish_fraction`` of the steps each λ is frozen at its mean over the preceding
     # ``polish_fraction`` of the run, so the adapter converges to p_λ̄ (the reported λ).
@@ -200,7 +204,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if self.rollout_t_max is not None and not (isinstance(self.rollout_t_max, int) and self.rollout_t_max >= 0):
             raise ValueError(f"rollout_t_max must be an integer >= 0 or None, got {self.rollout_t_max!r}")
-        for name in ("keep_batch", "keep_rollouts"):
+        for name in ("keep_batch", "keep_rollouts", "micro_batch"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {v!r}")
@@ -229,7 +233,7 @@ class TrainConfig:
         """The options a resumed run must share with the run that wrote the checkpoint."""
         out = {}
         for k, v in dataclasses.asdict(self).items():
-            if k != "checkpoint_every":
+            if k not in ("checkpoint_every", "micro_batch"):  # neither changes the run (micro_batch: rounding)
                 out[k] = v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
         return out
 
@@ -479,18 +483,14 @@ class Trainer:
         for term, (x, t, _) in zip(self.terms, draws):
             frozen_groups += [(x, t, term["anchor"]), (x, t, term["concept"])] + ([(x, t, term["ref"])] if need_ref else [])
         frozen_groups += [(x, t, term["cond"]) for term, (x, t, _) in zip(self.keep_terms, keep_draws)]
-        with torch.no_grad():
-            frozen = predict_groups(self.d, frozen_groups, adapted=False)
+        frozen = self._predict_micro(frozen_groups)
         for o in frozen:
             targets.check_finite("the frozen model's ε", o)
-        adapted = predict_groups(self.d, [(x, t, term["edit"]) for term, (x, t, _) in zip(self.terms, draws)]
-                                 + [(x, t, term["cond"]) for term, (x, t, _) in zip(self.keep_terms, keep_draws)],
-                                 adapted=True)
         per = 3 if need_ref else 2
-        losses = []
-        for k, (term, (x, t, c)) in enumerate(zip(self.terms, draws)):
-            i = term["ci"]
-            lam = self.constraints[i].dual.value
+        # targets first (they need the frozen ε and λ only), then the adapted forwards + backward in micro-batches
+        groups, tgts, weights = [], [], []
+        for k, (term, (x, t, _c)) in enumerate(zip(self.terms, draws)):
+            lam = self.constraints[term["ci"]].dual.value
             eps = frozen[per * k: per * (k + 1)]
             e_a, e_q = eps[0], eps[1]
             if self.spec.objective == "reverse_kl":
@@ -500,25 +500,77 @@ class Trainer:
             else:
                 ratio = self._ratio_at_x0(x, t, e_a, term)
                 target = targets.likelihood_target(e_a, e_q, eps[2], lam, ratio)
-            pred = adapted[k]
-            losses.append((pred - target).pow(2).flatten(1).mean(1).mean())
-            if self.spec.constraint == "path_kl":
-                if cfg.dual_estimate == "target":
-                    est = self._path_kl(term["buf"], target, e_q, t, c)
-                else:
-                    est = self._path_kl(term["buf"], pred.detach(), e_q, t, c)
-                stats.setdefault("est", [[] for _ in self.constraints])[i].append(est)
-                if cfg.dual_estimate == "target":
-                    stats.setdefault("net_est", [[] for _ in self.constraints])[i].append(
-                        self._path_kl(term["buf"], pred.detach(), e_q, t, c))
+            groups.append((x, t, term["edit"]))
+            tgts.append(target)
+            weights.append(1.0)
         base = per * len(self.terms)
+        for j, (term, (x, t, _c)) in enumerate(zip(self.keep_terms, keep_draws)):
+            groups.append((x, t, term["cond"]))
+            tgts.append(frozen[base + j])
+            weights.append(cfg.keep_weight * (1 + self.keep_constraints[j].dual.value))
+        loss, preds = self._adapted_backward(groups, tgts, weights)
+        for k, (term, (_x, t, c)) in enumerate(zip(self.terms, draws)):
+            if self.spec.constraint != "path_kl":
+                continue
+            i, e_q = term["ci"], frozen[per * k + 1]
+            if cfg.dual_estimate == "target":
+                est = self._path_kl(term["buf"], tgts[k], e_q, t, c)
+            else:
+                est = self._path_kl(term["buf"], preds[k], e_q, t, c)
+            stats.setdefault("est", [[] for _ in self.constraints])[i].append(est)
+            if cfg.dual_estimate == "target":
+                stats.setdefault("net_est", [[] for _ in self.constraints])[i].append(
+                    self._path_kl(term["buf"], preds[k], e_q, t, c))
         for j, (term, (_x, t, c)) in enumerate(zip(self.keep_terms, keep_draws)):
-            e0, pred = frozen[base + j], adapted[len(self.terms) + j]
-            mu = self.keep_constraints[j].dual.value
-            losses.append(cfg.keep_weight * (1 + mu) * (pred - e0).pow(2).flatten(1).mean(1).mean())
             stats.setdefault("keep_est", [[] for _ in self.keep_terms])[j].append(
-                self._path_kl(term["buf"], pred.detach(), e0, t, c))
-        return torch.stack(losses).sum()
+                self._path_kl(term["buf"], preds[len(self.terms) + j], frozen[base + j], t, c))
+        return loss
+
+    def _micro_parts(self, sizes: list[int]) -> list[list[tuple[int, slice]]]:
+        """The samples of groups of ``sizes``, concatenated, in micro-batches of at most ``micro_batch`` (one when
+        it is unset): each micro-batch a list of (group index, slice of that group)."""
+        n, m = sum(sizes), self.cfg.micro_batch or max(sum(sizes), 1)
+        starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        out = []
+        for lo in range(0, n, m):
+            hi = min(lo + m, n)
+            out.append([(g, slice(max(lo, a) - a, min(hi, a + k) - a))
+                        for g, (a, k) in enumerate(zip(starts, sizes)) if max(lo, a) < min(hi, a + k)])
+        return out
+
+    def _predict_micro(self, groups: list) -> list[torch.Tensor]:
+        """Frozen ε of each (x, t, cond) group (no grad), in micro-batches of at most ``micro_batch``."""
+        pieces: list[list[torch.Tensor]] = [[] for _ in groups]
+        with torch.no_grad():
+            for parts in self._micro_parts([len(x) for x, _, _ in groups]):
+                outs = predict_groups(self.d, [(groups[g][0][s], groups[g][1][s], groups[g][2]) for g, s in parts],
+                                      adapted=False)
+                for (g, _s), o in zip(parts, outs):
+                    pieces[g].append(o)
+        return [torch.cat(p) if len(p) > 1 else p[0] for p in pieces]
+
+    def _adapted_backward(self, groups: list, tgts: list[torch.Tensor],
+                          weights: list[float]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Loss Σ_g w_g · mean_i ‖ε_θ(x_gi, t_gi, c_g) − target_gi‖² and its backward, the groups' samples taken in
+        micro-batches of at most ``micro_batch`` (each one ``predict_groups`` call and one backward, so only its
+        autograd activations are alive at a time). Returns the loss and each group's adapted ε, both detached."""
+        sizes = [len(x) for x, _, _ in groups]
+        preds: list[list[torch.Tensor]] = [[] for _ in groups]
+        total = None
+        for parts in self._micro_parts(sizes):
+            outs = predict_groups(self.d, [(groups[g][0][s], groups[g][1][s], groups[g][2]) for g, s in parts],
+                                  adapted=True)
+            terms = []
+            for (g, s), pred in zip(parts, outs):
+                mse = (pred - tgts[g][s]).pow(2).flatten(1).mean(1).mean()
+                frac = (s.stop - s.start) / sizes[g]
+                terms.append(weights[g] * (mse if frac == 1.0 else mse * frac))
+                preds[g].append(pred.detach())
+            loss = torch.stack(terms).sum()
+            if bool(torch.isfinite(loss)):
+                loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total, [torch.cat(p) if len(p) > 1 else p[0] for p in preds]
 
     @torch.no_grad()
     def _ratio_at_x0(self, x: torch.Tensor, t: torch.Tensor, eps_anchor: torch.Tensor, term: dict) -> torch.Tensor:
@@ -553,16 +605,21 @@ class Trainer:
             lk_f = -0.5 * n_f.pow(2).flatten(1).sum(1)
             lmix = torch.logaddexp(lk_r + math.log(1 - s), lk_f + math.log(s))
             w_r, w_f = (lk_r - lmix).exp(), (lk_f - lmix).exp()
-            pred = self.d.predict(x_t, t, self.data_cond, adapted=True)
-            loss = targets.siss_loss(pred, n_r, n_f, w_r, w_f, lam)
+            loss, _ = self._data_backward(b, lambda s: self.d.predict(x_t[s], t[s], self.data_cond, adapted=True),
+                                          lambda s, pred: targets.siss_loss(pred, n_r[s], n_f[s], w_r[s], w_f[s], lam))
             pred_f, noise_f, xft = None, None, None
         else:
             nr, nf = torch.randn(xr.shape, generator=self.gen), torch.randn(xf.shape, generator=self.gen)
             xrt, xft = sched.add_noise(xr, t, nr), sched.add_noise(xf, t, nf)
-            pred = self.d.predict(torch.cat([xrt, xft]), t.repeat(2), self.data_cond, adapted=True)
-            pred_r, pred_f = pred.chunk(2)
-            noise_f = nf
-            loss = targets.forward_kl_loss(pred_r, nr, pred_f, nf, lam)
+            def fwd(s: slice) -> torch.Tensor:  # retain and forget samples of one slice: one forward
+                return self.d.predict(torch.cat([xrt[s], xft[s]]), t[s].repeat(2), self.data_cond, adapted=True)
+
+            def loss_of(s: slice, pred: torch.Tensor) -> torch.Tensor:
+                pred_r, pred_f = pred.chunk(2)
+                return targets.forward_kl_loss(pred_r, nr[s], pred_f, nf[s], lam)
+
+            loss, preds = self._data_backward(b, fwd, loss_of)
+            pred_f, noise_f = torch.cat([p.chunk(2)[1] for p in preds]), nf
         # forget-set KL increase E_q[NELBO_θ − NELBO_0] on this batch (every t equally likely: × T)
         if xft is None:
             nf2 = torch.randn(xf.shape, generator=self.gen)
@@ -573,6 +630,24 @@ class Trainer:
         diff = (pred_f.detach() - noise_f).pow(2).flatten(1).sum(1) - (e0 - noise_f).pow(2).flatten(1).sum(1)
         stats.setdefault("est", [[]])[0].append(float((c_t * diff).mean()) * T)
         return loss
+
+    def _data_backward(self, b: int, fwd: Callable[[slice], torch.Tensor],
+                       loss_of: Callable[[slice, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A data loss that is a mean over ``b`` samples, and its backward, in micro-batches of at most
+        ``micro_batch`` samples (each weighted by its share of b). Returns the loss and the forwards, detached."""
+        total, preds = None, []
+        m = self.cfg.micro_batch or b
+        for lo in range(0, b, m):
+            s = slice(lo, min(lo + m, b))
+            pred = fwd(s)
+            loss = loss_of(s, pred)
+            if s.stop - s.start != b:
+                loss = loss * ((s.stop - s.start) / b)
+            if bool(torch.isfinite(loss)):
+                loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            preds.append(pred.detach())
+        return total, preds
 
     # -------------------------------------------------------------------- final estimates
     @torch.no_grad()
@@ -650,10 +725,10 @@ class Trainer:
                 for group in self.opt.param_groups:
                     group["lr"] = cfg.lr * (cfg.lr_final_ratio + (1 - cfg.lr_final_ratio) * frac)
             self.opt.zero_grad(set_to_none=True)
+            # the loss comes back detached: its backward ran in micro-batches (see _adapted_backward)
             loss = self._concept_loss(step, stats) if self.spec.kind == "concept" else self._data_loss(step, stats)
             ok = bool(torch.isfinite(loss))
             if ok:
-                loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.d.trainable_parameters(), cfg.grad_clip)
                 self.opt.step()
                 ok = all(bool(torch.isfinite(p).all()) for p in self.d.trainable_parameters())

@@ -122,6 +122,7 @@ class UnlearnJob:
     name: str = ""
     checkpoint_every: int = 20
     resume: bool = False
+    micro_batch: int = 0  # samples per adapted forward + backward (0: a whole step at once)
 
     @property
     def kind(self) -> str:
@@ -142,7 +143,7 @@ class UnlearnJob:
     def fingerprint(self) -> dict:
         """The options that decide what is trained (not where it goes or how it is reported), and the training
         defaults (``--set``) in force: a checkpoint resumes only a run with the same fingerprint."""
-        skip = {"out", "overwrite", "resume", "checkpoint_every", "eval_samples", "device"}
+        skip = {"out", "overwrite", "resume", "checkpoint_every", "eval_samples", "device", "micro_batch"}
         fp = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items() if k not in skip}
         fp["defaults"] = dict(DEFAULTS)
         return fp
@@ -257,7 +258,10 @@ def job_from_args(args: argparse.Namespace) -> UnlearnJob:
     job = UnlearnJob(out=Path(args.out), method=method, anchor=anchor, steps=args.steps, rank=args.rank,
                      targets=args.targets, lr=args.lr, seed=args.seed, device=args.device, model=args.model or "demo",
                      overwrite=args.overwrite, eval_samples=args.eval_samples, weight=args.weight,
-                     caption=args.caption or "", checkpoint_every=args.checkpoint_every, resume=args.resume)
+                     caption=args.caption or "", checkpoint_every=args.checkpoint_every, resume=args.resume,
+                     micro_batch=args.micro_batch)
+    if args.micro_batch < 0:
+        raise ValueError(f"--micro-batch must be >= 0 (0: a whole step at once), got {args.micro_batch}")
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {args.checkpoint_every}")
     if args.threshold is not None and args.threshold_raw is not None:
@@ -494,6 +498,7 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
         _atomic_write(job.checkpoint_path, buf.getvalue(), overwrite=True)
 
     config.checkpoint_every = job.checkpoint_every
+    config.micro_batch = job.micro_batch or None
     with _Interrupt() as intr:
         trainer = Trainer(denoiser, problem, config, callbacks=[bar, *callbacks], should_stop=lambda: intr.stop,
                           on_checkpoint=save_checkpoint)
@@ -722,6 +727,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--micro-batch", type=int, default=0, metavar="N",
+                   help="samples per trained forward + backward (0: a whole step at once); lower it when memory is "
+                        "short (a large UNet or latent): the same steps up to rounding, the activations of N samples")
     g.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                    help="advanced: override a training default (repeatable), e.g. --set dual_lr=0.03; keys: "
                         + ", ".join(sorted(DEFAULTS)))
