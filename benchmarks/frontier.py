@@ -47,7 +47,9 @@ GRID = {
     ("concept", "ru"): [2.0, 3.5],
     ("concept", "esd"): [0.5, 1.0, 2.0],
     ("concept", "lu"): [2.5],
-    ("data", "fu"): [0.025, 0.1],
+    # FU 0.025 was uninformative (λ stayed 0: fine-tuning on the retain samples alone overshot it); 0.25 aims at
+    # NegGrad 0.3's forgetting (FU reaches 0.73–0.80 of its request in 80 steps)
+    ("data", "fu"): [0.05, 0.1, 0.25],
     ("data", "neggrad"): [0.1, 0.3],
     ("data", "siss"): [0.2],
 }

@@ -221,7 +221,7 @@ def test_unlearn_concept_trains_and_leaves_the_input_model_alone(pkg):
 
 def test_micro_batch_bounds_the_trained_forwards_of_both_training_nodes(pkg, monkeypatch):
     """``micro_batch`` reaches the trainer: no forward with gradients sees more samples than it (concept: 2
-    wordings × 8 + a kept prompt's 8 samples per step; data: 2 × batch 2 per step)."""
+    wordings × 8 + a kept prompt's 8 samples per step; data: 4 retain + 4 forget samples per step)."""
     import sys
 
     nodes, sizes = pkg["unlearn_nodes"], []
@@ -252,7 +252,7 @@ def test_micro_batch_bounds_the_trained_forwards_of_both_training_nodes(pkg, mon
     monkeypatch.setattr(pkg["comfy_denoiser"].ComfyDenoiser, "predict", predict)
     nodes.UnlearnData.execute(tiny_model(seed=3), FakeVae(), images(2), retain_images=images(3, seed=1),
                               clip=FakeClip(), caption="a cat", **{**DATA_KW, "batch": 4}, micro_batch=1)
-    assert seen and max(seen) == 2  # one retain + one forget sample per forward
+    assert seen and max(seen) == 1  # FU's retain and forget samples split too
 
 
 def test_unlearn_concept_updates_the_progress_bar_once_per_step(pkg, monkeypatch):

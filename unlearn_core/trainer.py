@@ -605,21 +605,28 @@ class Trainer:
             lk_f = -0.5 * n_f.pow(2).flatten(1).sum(1)
             lmix = torch.logaddexp(lk_r + math.log(1 - s), lk_f + math.log(s))
             w_r, w_f = (lk_r - lmix).exp(), (lk_f - lmix).exp()
-            loss, _ = self._data_backward(b, lambda s: self.d.predict(x_t[s], t[s], self.data_cond, adapted=True),
-                                          lambda s, pred: targets.siss_loss(pred, n_r[s], n_f[s], w_r[s], w_f[s], lam))
+            loss, _ = self._data_backward(
+                b, lambda s: self.d.predict(x_t[s], t[s], self.data_cond, adapted=True),
+                lambda s, pred: targets.siss_loss(pred, n_r[s], n_f[s], w_r[s], w_f[s], lam) * ((s.stop - s.start) / b))
             pred_f, noise_f, xft = None, None, None
         else:
             nr, nf = torch.randn(xr.shape, generator=self.gen), torch.randn(xf.shape, generator=self.gen)
             xrt, xft = sched.add_noise(xr, t, nr), sched.add_noise(xf, t, nf)
-            def fwd(s: slice) -> torch.Tensor:  # retain and forget samples of one slice: one forward
-                return self.d.predict(torch.cat([xrt[s], xft[s]]), t[s].repeat(2), self.data_cond, adapted=True)
+            x_all, t_all = torch.cat([xrt, xft]), t.repeat(2)
+            if (cfg.micro_batch or 2 * b) >= 2 * b:  # retain and forget in one forward
+                def loss_of(s: slice, pred: torch.Tensor) -> torch.Tensor:
+                    pred_r, pred_f = pred.chunk(2)
+                    return targets.forward_kl_loss(pred_r, nr, pred_f, nf, lam)
+            else:  # the same loss as a weighted sum over the 2b samples, in micro-batches: +1/b retain, −λ/b forget
+                n_all = torch.cat([nr, nf])
+                w_all = torch.cat([torch.full((b,), 1.0 / b), torch.full((b,), -float(lam) / b)])
 
-            def loss_of(s: slice, pred: torch.Tensor) -> torch.Tensor:
-                pred_r, pred_f = pred.chunk(2)
-                return targets.forward_kl_loss(pred_r, nr[s], pred_f, nf[s], lam)
+                def loss_of(s: slice, pred: torch.Tensor) -> torch.Tensor:
+                    return (w_all[s].to(pred.device) * targets._per_sample_mse(pred, n_all[s])).sum()
 
-            loss, preds = self._data_backward(b, fwd, loss_of)
-            pred_f, noise_f = torch.cat([p.chunk(2)[1] for p in preds]), nf
+            loss, preds = self._data_backward(
+                2 * b, lambda s: self.d.predict(x_all[s], t_all[s], self.data_cond, adapted=True), loss_of)
+            pred_f, noise_f = torch.cat(preds)[b:], nf
         # forget-set KL increase E_q[NELBO_θ − NELBO_0] on this batch (every t equally likely: × T)
         if xft is None:
             nf2 = torch.randn(xf.shape, generator=self.gen)
@@ -631,18 +638,17 @@ class Trainer:
         stats.setdefault("est", [[]])[0].append(float((c_t * diff).mean()) * T)
         return loss
 
-    def _data_backward(self, b: int, fwd: Callable[[slice], torch.Tensor],
+    def _data_backward(self, n: int, fwd: Callable[[slice], torch.Tensor],
                        loss_of: Callable[[slice, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """A data loss that is a mean over ``b`` samples, and its backward, in micro-batches of at most
-        ``micro_batch`` samples (each weighted by its share of b). Returns the loss and the forwards, detached."""
+        """A data loss over ``n`` samples that ``loss_of`` splits into the shares of slices, and its backward, in
+        micro-batches of at most ``micro_batch`` samples (``fwd(slice)``: their adapted ε). Returns the loss and
+        the forwards, detached."""
         total, preds = None, []
-        m = self.cfg.micro_batch or b
-        for lo in range(0, b, m):
-            s = slice(lo, min(lo + m, b))
+        m = self.cfg.micro_batch or n
+        for lo in range(0, n, m):
+            s = slice(lo, min(lo + m, n))
             pred = fwd(s)
             loss = loss_of(s, pred)
-            if s.stop - s.start != b:
-                loss = loss * ((s.stop - s.start) / b)
             if bool(torch.isfinite(loss)):
                 loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
