@@ -209,6 +209,25 @@ def test_set_overrides_are_converted_to_the_defaults_types():
     assert unlearn.DEFAULTS == before  # parsing alone changes nothing
 
 
+def test_demo_wordings_choose_the_training_templates_a_digit_is_expanded_to():
+    """``--set demo_wordings=…`` picks which of the demo's six training templates a digit concept trains on; the
+    held-out paraphrases are never among them, and bad indices are one clear error."""
+    from unlearn_core.demo.data import HELDOUT_TEMPLATES, caption
+
+    def wordings(*extra):
+        args = cli.build_parser().parse_args(["unlearn", "--concept", "five", "--out", "x", *extra])
+        return unlearn.prepare_job(args)[0].concepts[0]
+
+    assert wordings() == ["a handwritten digit five", "the number 5", "five", "a digit 5"]
+    six = wordings("--set", "demo_wordings=0,1,2,3,4,5")
+    assert len(six) == 6 and "a five" in six and "a drawing of the digit five" in six
+    assert not {caption(t, 5) for t in HELDOUT_TEMPLATES} & set(six)
+    assert unlearn.DEFAULTS["demo_wordings"] == "0,1,2,4"  # the override held for that job only
+    for bad in ("0,1,9", "0,0", "", "a,b"):
+        with pytest.raises(ValueError, match="demo_wordings"):
+            wordings("--set", f"demo_wordings={bad}")
+
+
 RESUMABLE = [*TINY, "--steps", "8", "--eval-samples", "0", "--checkpoint-every", "2",
              "--set", "dual_every=2", "--set", "refresh_every=2"]
 
