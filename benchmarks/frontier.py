@@ -146,7 +146,8 @@ def run_task(task: dict, opts: dict) -> dict:
                  "--steps", str(opts["data_steps"])]
     argv += (["--weight", str(setting)] + (["--no-default-keep"] if method == "esd" else [])
              if method in ("esd", "neggrad", "siss") else ["--threshold", str(setting)])
-    job, overrides = unlearn.prepare_job(cli.build_parser().parse_args(argv))
+    with unlearn.overridden_defaults(opts["shared"]):  # e.g. demo_wordings shapes the job itself
+        job, overrides = unlearn.prepare_job(cli.build_parser().parse_args(argv))
     torch.manual_seed(seed)
     model.unet = copy.deepcopy(w["base_unet"])
     with unlearn.overridden_defaults({**overrides, **opts["shared"]}):
@@ -347,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="concept,data")
     p.add_argument("--grid", default=None, metavar="SPEC",
                    help="run only these methods and settings, e.g. 'ru=1.5,2.5;esd=1' (default: the built-in grid)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training default of every run (as `unlearn --set`), e.g. demo_wordings=0,1,2,4")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "frontier")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished runs of an interrupted benchmark with the same options (runs.jsonl)")
@@ -365,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
             "concept_steps": args.concept_steps or (12 if args.quick else 80),
             "data_steps": args.data_steps or (15 if args.quick else 80),
             "shared": QUICK_SHARED if args.quick else SHARED}
+    from unlearn_core import unlearn
+
+    try:
+        opts["shared"] = {**opts["shared"], **unlearn.parse_overrides(args.set)}
+    except ValueError as e:
+        p.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     _forget_folder(args.out)
     tasks = [{"task": t, "method": m, "setting": s, "seed": seed} for (t, m), settings in grid.items()

@@ -218,11 +218,11 @@ def test_demo_wordings_choose_the_training_templates_a_digit_is_expanded_to():
         args = cli.build_parser().parse_args(["unlearn", "--concept", "five", "--out", "x", *extra])
         return unlearn.prepare_job(args)[0].concepts[0]
 
-    assert wordings() == ["a handwritten digit five", "the number 5", "five", "a digit 5"]
+    assert wordings() == ["a handwritten digit five", "the number 5", "five", "a five"]
     six = wordings("--set", "demo_wordings=0,1,2,3,4,5")
-    assert len(six) == 6 and "a five" in six and "a drawing of the digit five" in six
+    assert len(six) == 6 and "a digit 5" in six and "a drawing of the digit five" in six
     assert not {caption(t, 5) for t in HELDOUT_TEMPLATES} & set(six)
-    assert unlearn.DEFAULTS["demo_wordings"] == "0,1,2,4"  # the override held for that job only
+    assert unlearn.DEFAULTS["demo_wordings"] == "0,1,2,3"  # the override held for that job only
     for bad in ("0,1,9", "0,0", "", "a,b"):
         with pytest.raises(ValueError, match="demo_wordings"):
             wordings("--set", f"demo_wordings={bad}")

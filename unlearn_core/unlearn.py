@@ -4,8 +4,9 @@ write a kohya LoRA, ``metrics.json`` and ``report.html``.
     python -m unlearn_core unlearn --concept three --out runs/three
 
 Defaults (demo model) — each from a measurement, see ``benchmarks/acceptance_cli.py``:
-- the concept is trained under several wordings (on the demo, the model's own caption templates for that digit)
-  that share one λ, so the erasure carries over to paraphrases it never saw;
+- the concept is trained under several wordings (on the demo, four of the model's own caption templates for that
+  digit: main, "the number 3", "three", "a three") that share one λ, so the erasure carries over to paraphrases it
+  never saw; with "a digit 3" in place of "a three", "five" leaked 32–40 % on the held-out "a picture of a five";
 - a retention constraint keeps the unconditional branch "" (which classifier-free guidance uses for *every*
   prompt) and the other classes' prompts within ρ of the base model, each with its own dual variable μ: a
   forget constraint alone does not bound collateral damage;
@@ -79,8 +80,9 @@ DEFAULTS: dict[str, Any] = {
     "estimate_samples": 64,
     "elbo_stride": 1,  # NELBO / log-ratio sums visit every k-th timestep (×k): LU's dual steps get k× cheaper
     # On the demo a digit concept is trained under these of the model's six caption templates (indices into
-    # demo.data.TRAIN_TEMPLATES; the held-out ones stay unseen): main, "the number 3", "three", "a digit 3"
-    "demo_wordings": "0,1,2,4",
+    # demo.data.TRAIN_TEMPLATES; the held-out ones stay unseen): main, "the number 3", "three", "a three". With
+    # "a digit 3" in place of "a three" (0,1,2,4) "five" leaked 32–40 % on "a picture of a five" (see README)
+    "demo_wordings": "0,1,2,3",
     # data unlearning
     # the forget set's NELBO (summed over the steps a sampler takes) must rise by this fraction of its base value
     "fu_threshold": 0.05,
@@ -178,7 +180,7 @@ def demo_wordings(text: str) -> list[str]:
 
 
 def demo_templates() -> list[int]:
-    """The indices of ``DEFAULTS["demo_wordings"]`` ("0,1,2,4"), checked against the demo's training templates."""
+    """The indices of ``DEFAULTS["demo_wordings"]`` ("0,1,2,3"), checked against the demo's training templates."""
     from .demo.data import TRAIN_TEMPLATES
 
     raw = str(DEFAULTS["demo_wordings"])
@@ -188,7 +190,7 @@ def demo_templates() -> list[int]:
         idx = []
     if not idx or len(set(idx)) != len(idx) or not all(0 <= i < len(TRAIN_TEMPLATES) for i in idx):
         raise ValueError(f"--set demo_wordings={raw!r}: give distinct template indices 0–{len(TRAIN_TEMPLATES) - 1} "
-                         "separated by commas, e.g. 0,1,2,4")
+                         "separated by commas, e.g. 0,1,2,3")
     return idx
 
 
