@@ -255,7 +255,7 @@ def fingerprint(options: dict) -> str:
 def test_fingerprint_is_the_resolved_options_not_their_spelling_or_place():
     base = fingerprint({"concept": "three"})
     assert fingerprint({"concept": ["three"], "steps": unlearn.DEFAULTS["steps"], "out": "elsewhere",
-                        "quiet": True, "overwrite": True}) == base
+                        "quiet": True, "overwrite": True, "micro_batch": 4}) == base
     assert fingerprint({"concept": "three", "set": {"dual_lr": 0.030}}) == \
         fingerprint({"concept": "three", "set": ["dual_lr=0.03"]})
     assert fingerprint({"concept": "three", "steps": 3}) != base

@@ -57,7 +57,8 @@ RECORD = "batch.json"  # per-job sidecar in the job's output folder
 SUMMARY = "batch-summary.json"
 FORMAT_VERSION = 1
 BATCH_KEYS = ("name", "comfyui")  # job keys that are not `unlearn` options
-NOT_FINGERPRINTED = ("out", "overwrite", "quiet", "func", "resume", "checkpoint_every")  # where and how, not what
+NOT_FINGERPRINTED = ("out", "overwrite", "quiet", "func", "resume", "checkpoint_every",
+                     "micro_batch")  # where and how, not what (micro_batch: the same steps up to rounding)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 EXAMPLE_WORKFLOW = Path(__file__).resolve().parents[1] / "example_workflows" / "01_erase_a_concept.json"
 UNLEARN_NODE, SAVE_NODE = "Unlearn_UnlearnConcept", "Unlearn_SaveUnlearningLora"
