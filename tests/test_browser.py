@@ -366,6 +366,19 @@ CHART_EVENTS = [
 ]
 
 
+# A forced redraw at scale 1 centred on ``node``, the canvas context's fillText recorded: resolves to the texts drawn.
+REDRAW_RECORDING = """async function redrawRecording(app, node) {
+            app.canvas.ds.scale = 1;
+            app.canvas.centerOnNode(node);
+            const ctx = app.canvas.ctx, texts = [];
+            const fillText = ctx.fillText;
+            ctx.fillText = function (t, ...rest) { texts.push(String(t)); return fillText.call(this, t, ...rest); };
+            try { app.canvas.draw(true, true); } finally { delete ctx.fillText; }
+            await new Promise((r) => requestAnimationFrame(() => r()));
+            return texts;
+        }"""
+
+
 @pytest.fixture(scope="module")
 def chart(workflow, page, loaded_screenshot, artifacts):
     """Fake "unlearn.progress" events for the Unlearn Concept node, dispatched through the front end's api object
@@ -374,19 +387,14 @@ def chart(workflow, page, loaded_screenshot, artifacts):
     (node_id,) = [n["id"] for n in workflow["nodes"] if n["type"] == "Unlearn_UnlearnConcept"]
     events = [{"node": str(node_id), **e} for e in CHART_EVENTS]
     result = page.evaluate(f"""(async () => {{
+        {REDRAW_RECORDING}
         const app = window.app, api = window.comfyAPI.api.api;
         const node = app.graph.getNodeById({json.dumps(node_id)});
         const before = [...node.size];
         for (const detail of {json.dumps(events)}) api.dispatchCustomEvent("unlearn.progress", detail);
         // an event for a node that is not in the graph is ignored
         api.dispatchCustomEvent("unlearn.progress", {{node: "99999", step: 0, total: 1, loss: 1}});
-        app.canvas.ds.scale = 1;
-        app.canvas.centerOnNode(node);
-        const ctx = app.canvas.ctx, texts = [];
-        const fillText = ctx.fillText;
-        ctx.fillText = function (t, ...rest) {{ texts.push(String(t)); return fillText.call(this, t, ...rest); }};
-        try {{ app.canvas.draw(true, true); }} finally {{ delete ctx.fillText; }}
-        await new Promise((r) => requestAnimationFrame(() => r()));
+        const texts = await redrawRecording(app, node);
         const prompt = await app.graphToPrompt();
         return {{series: node.unlearnSeries, before, after: [...node.size], texts,
                  widgets: node.widgets.map((w) => ({{name: w.name, y: w.y, height: w.computedHeight}})),
@@ -442,15 +450,10 @@ def real_run(workflow, page, chart, server, artifacts):
         time.sleep(1)  # polling the server, not timing
     assert entry is not None, "the queued workflow did not reach /history within 15 min:\n" + server.log()[-3000:]
     result = page.evaluate(f"""(async () => {{
+        {REDRAW_RECORDING}
         const app = window.app;
         const node = app.graph.getNodeById({json.dumps(node_id)});
-        app.canvas.ds.scale = 1;
-        app.canvas.centerOnNode(node);
-        const ctx = app.canvas.ctx, texts = [];
-        const fillText = ctx.fillText;
-        ctx.fillText = function (t, ...rest) {{ texts.push(String(t)); return fillText.call(this, t, ...rest); }};
-        try {{ app.canvas.draw(true, true); }} finally {{ delete ctx.fillText; }}
-        await new Promise((r) => requestAnimationFrame(() => r()));
+        const texts = await redrawRecording(app, node);
         return {{series: node.unlearnSeries, texts}};
     }})()""")
     result["status"] = entry["status"]

@@ -110,20 +110,12 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_micro_batch_bounds_the_trained_forwards_and_gives_the_same_lora(run_dir, tmp_path, monkeypatch):
+def test_micro_batch_bounds_the_trained_forwards_and_gives_the_same_lora(run_dir, tmp_path, record_trained_forwards):
     """``--micro-batch 3``: no trained forward sees more than 3 samples, and the LoRA is the default run's (the
     run_dir fixture: same options and seed) up to float rounding."""
     from unlearn_core import trainer
 
-    sizes = []
-    real = trainer.predict_groups
-
-    def recording(denoiser, groups, adapted):
-        if adapted and torch.is_grad_enabled():
-            sizes.append(sum(len(x) for x, _, _ in groups))
-        return real(denoiser, groups, adapted)
-
-    monkeypatch.setattr(trainer, "predict_groups", recording)
+    sizes = record_trained_forwards(trainer)
     out = tmp_path / "micro"
     assert cli.main(["unlearn", "--concept", "three", "--out", str(out), *TINY, "--micro-batch", "3"]) == 0
     assert sizes and max(sizes) <= 3

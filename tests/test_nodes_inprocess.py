@@ -4,6 +4,7 @@ The package is loaded the way ComfyUI loads a custom node (by path, under its ow
 top-level module called ``nodes`` too.
 """
 
+import dataclasses
 import hashlib
 import importlib.util
 import sys
@@ -35,14 +36,30 @@ def pkg():
     return {k: il.import_module(f"{name}.nodes.{k}") for k in ("comfy_denoiser", "lora_patches", "unlearn_nodes")}
 
 
-def tiny_model(seed=0):
+# SDXL-shaped: label embedding of SDXL's pooled text output (1280) and six size embeddings (6 × 256); ComfyUI's
+# SDXL config fixes 64 channels per attention head
+TINY_SDXL_UNET = {**TINY_UNET, "adm_in_channels": 2816, "num_classes": "sequential", "use_linear_in_transformer": True,
+                  "model_channels": 64}
+POOLED_DIM = 1280
+
+
+def tiny_model(seed=0, kind="sd15"):
+    """A tiny random UNet in ComfyUI's classes: ``sd15`` (ε), ``sd2v`` (v-prediction, as SD2-768),
+    ``sdxl`` (ComfyUI's SDXL model class: pooled output and size conditioning), ``sdxl-v`` (an SDXL v-pred)."""
+    import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
 
     torch.manual_seed(seed)
-    mc = comfy.supported_models.SD15(dict(TINY_UNET))
-    mc.set_inference_dtype(torch.float32, None)
-    base = mc.get_model({})
+    if kind in ("sdxl", "sdxl-v"):
+        mc = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
+        mc.set_inference_dtype(torch.float32, None)
+        base = mc.get_model({"v_pred": torch.tensor([])} if kind == "sdxl-v" else {})
+    else:
+        mc = comfy.supported_models.SD15(dict(TINY_UNET))
+        mc.set_inference_dtype(torch.float32, None)
+        base = (mc.get_model({}) if kind == "sd15" else
+                comfy.model_base.BaseModel(mc, model_type=comfy.model_base.ModelType.V_PREDICTION))
     with torch.no_grad():  # ComfyUI zero-initialises output layers; random weights make every layer matter
         for p in base.diffusion_model.parameters():
             p.normal_(0, 0.05)
@@ -50,10 +67,12 @@ def tiny_model(seed=0):
     return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
 
 
-def cond(text: str):
-    """A CONDITIONING for ``text`` without a text encoder: a fixed random embedding per string."""
+def cond(text: str, pooled: bool = False):
+    """A CONDITIONING for ``text`` without a text encoder: a fixed random embedding per string (and, for SDXL, a
+    fixed random pooled output as its text encoder gives)."""
     g = torch.Generator().manual_seed(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16))
-    return [[torch.randn(1, 4, CONTEXT_DIM, generator=g), {}]]
+    extra = {"pooled_output": torch.randn(1, POOLED_DIM, generator=g)} if pooled else {}
+    return [[torch.randn(1, 4, CONTEXT_DIM, generator=g), extra]]
 
 
 class FakeVae:
@@ -69,13 +88,17 @@ def images(n, size=64, seed=0):
 
 
 class FakeClip:
-    """Duck-typed CLIP (tokenize + encode_from_tokens_scheduled) so the node runs without a real text encoder."""
+    """Duck-typed CLIP (tokenize + encode_from_tokens_scheduled) so the node runs without a real text encoder;
+    ``pooled`` adds the pooled output an SDXL text encoder gives."""
+
+    def __init__(self, pooled: bool = False):
+        self.pooled = pooled
 
     def tokenize(self, text):
         return text
 
     def encode_from_tokens_scheduled(self, tokens):
-        return cond(tokens)
+        return cond(tokens, self.pooled)
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +177,11 @@ def _lora_for(pkg, model):
     return lp.UnlearnLora(modules=mods, family=den.family, layout=den.layout)
 
 
-def _eps_of(pkg, mp, x, t):
-    den = pkg["comfy_denoiser"].ComfyDenoiser(mp, latent_hw=(8, 8))
+def _eps_of(pkg, mp, x, t, pooled=False):
+    den = pkg["comfy_denoiser"].ComfyDenoiser(mp, latent_hw=tuple(x.shape[-2:]))
     den.patcher.weight_wrapper_patches = {}
     with den.session():
-        return base_eps(den, x, t, den.encode([cond("a dog")]))
+        return base_eps(den, x, t, den.encode([cond("a dog", pooled)]))
 
 
 def test_apply_strength_zero_and_strip_give_the_base_model(pkg, model):
@@ -219,21 +242,11 @@ def test_unlearn_concept_trains_and_leaves_the_input_model_alone(pkg):
     assert lora.metadata["unlearn.method"] == "ru"
 
 
-def test_micro_batch_bounds_the_trained_forwards_of_both_training_nodes(pkg, monkeypatch):
+def test_micro_batch_bounds_the_trained_forwards_of_both_training_nodes(pkg, monkeypatch, record_trained_forwards):
     """``micro_batch`` reaches the trainer: no forward with gradients sees more samples than it (concept: 2
     wordings × 8 + a kept prompt's 8 samples per step; data: 4 retain + 4 forget samples per step)."""
-    import sys
-
-    nodes, sizes = pkg["unlearn_nodes"], []
-    trainer = sys.modules[nodes.Trainer.__module__]  # the package under test's own copy of unlearn_core.trainer
-    real = trainer.predict_groups
-
-    def recording(denoiser, groups, adapted):
-        if adapted and torch.is_grad_enabled():
-            sizes.append(sum(len(x) for x, _, _ in groups))
-        return real(denoiser, groups, adapted)
-
-    monkeypatch.setattr(trainer, "predict_groups", recording)
+    nodes = pkg["unlearn_nodes"]
+    sizes = record_trained_forwards(sys.modules[nodes.Trainer.__module__])  # the package under test's own trainer
     for micro in (0, 3):
         sizes.clear()
         nodes.UnlearnConcept.execute(tiny_model(seed=1), FakeClip(), concept="a cat | kitten", anchor="", method="RU",
@@ -600,3 +613,79 @@ def test_session_turns_inference_weights_into_normal_tensors_with_the_same_value
         pass
     assert not any(p.is_inference() for p in mp.model.diffusion_model.parameters())
     assert all(torch.equal(before[k], v) for k, v in mp.model.diffusion_model.state_dict().items())
+
+
+# ------------------------------------------------------------------------- SD2-v and SDXL: the same path, checked
+@pytest.mark.parametrize("kind", ["sd15", "sd2v", "sdxl", "sdxl-v"])
+def test_epsilon_is_what_the_raw_unet_predicts_for_every_parameterisation(pkg, kind):
+    """ε from the denoiser against the UNet called by hand: the VP input x_t, timestep t, the text embedding as
+    context and, for SDXL, y = [pooled output, embeddings of (height, width, crop 0, 0, height, width)] at the
+    sampled size in pixels. A v-model's output v gives ε = √ᾱ v + √(1−ᾱ) x_t."""
+    mp = tiny_model(seed=4, kind=kind)
+    xl = kind.startswith("sdxl")
+    assert pkg["comfy_denoiser"].model_family(mp) == ("sdxl" if xl else "demo")
+    den = pkg["comfy_denoiser"].ComfyDenoiser(mp, latent_hw=(8, 6))  # not square: height and width not swapped
+    x_t, t = torch.randn(3, 4, 8, 6), torch.tensor([5, 400, 990])
+    c = cond("a cat", pooled=xl)
+    with den.session():
+        got = den.predict(x_t, t, den.encode([c]), adapted=False)
+        if xl:  # the pooled output reaches the UNet: another one, another ε
+            other = [[c[0][0], {"pooled_output": torch.zeros(1, POOLED_DIM)}]]
+            assert (den.predict(x_t, t, den.encode([other]), adapted=False) - got).abs().max() > 1e-4
+    kw = {}
+    if xl:
+        sizes = torch.tensor([64.0, 48.0, 0.0, 0.0, 64.0, 48.0])
+        kw["y"] = torch.cat([c[0][1]["pooled_output"], mp.model.embedder(sizes).reshape(1, -1)], 1).expand(3, -1)
+    with torch.no_grad():
+        out = mp.model.diffusion_model(x_t, t.float(), context=c[0][0].expand(3, -1, -1), **kw)
+    a = den.schedule.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    want = out if kind in ("sd15", "sdxl") else a.sqrt() * out + (1 - a).sqrt() * x_t
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sd2v", "sdxl"])
+def test_unlearn_concept_trains_sd2v_and_sdxl_and_the_saved_lora_loads_in_comfyuis_loader(pkg, kind, tmp_path,
+                                                                                          monkeypatch, caplog):
+    """Train through the node (SDXL: pooled output and sizes from process_conds), save, load the file with the
+    stock LoraLoader's function: every key lands, nothing "not loaded", and the model it patches predicts what
+    the node's own MODEL output predicts."""
+    import logging
+
+    import comfy.sd
+    import comfy.utils
+
+    nodes, xl = pkg["unlearn_nodes"], kind == "sdxl"
+    mp = tiny_model(seed=5, kind=kind)
+    before = {k: v.clone() for k, v in mp.model.state_dict().items()}
+    patched, lora, _, summary = nodes.UnlearnConcept.execute(
+        mp, FakeClip(pooled=xl), concept="a cat | kitten", anchor="", method="RU", threshold=0.5, steps=3, rank=2,
+        targets="attn", learning_rate=1e-2, seed=0, width=48, height=64, batch=2, esd_eta=1.0,
+        keep_prompts="a dog").result
+    assert lora.family == ("sdxl" if xl else "demo") and "RU" in summary
+    assert any(m.up.abs().max() > 0 for m in lora.modules.values())  # three Adam steps moved the zero-init up
+    assert mp.patches == {} and all(torch.equal(before[k], v) for k, v in mp.model.state_dict().items())
+    assert len(patched.patches) == len(lora.modules)
+    # three small steps barely move this random net's ε (~1e-5); scaled up, a wrong key or orientation shows
+    loud = dataclasses.replace(lora, modules={n: dataclasses.replace(m, up=m.up * 300) for n, m in lora.modules.items()})
+    monkeypatch.setattr(nodes, "loras_dir", lambda: tmp_path)
+    name = nodes.SaveUnlearningLora.execute(loud, f"no cats {kind}", "fp32", False).result[0]
+    with caplog.at_level(logging.WARNING):
+        stock, _ = comfy.sd.load_lora_for_models(mp, None, comfy.utils.load_torch_file(str(tmp_path / name)), 1.0,
+                                                 1.0)
+    assert "not loaded" not in caplog.text and len(stock.patches) == len(lora.modules)
+    x, t = torch.randn(2, 4, 8, 6), torch.tensor([100, 800])
+    base = _eps_of(pkg, mp, x, t, pooled=xl)
+    ours = _eps_of(pkg, nodes.ApplyUnlearningLora.execute(mp, 1.0, unlearn_lora=loud).result[0], x, t, pooled=xl)
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(_eps_of(pkg, stock, x, t, pooled=xl), ours, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_clip", [True, False])
+def test_unlearn_data_trains_sdxl_with_a_caption_or_the_zeroed_pooled_output(pkg, with_clip):
+    nodes = pkg["unlearn_nodes"]
+    mp = tiny_model(seed=6, kind="sdxl")
+    _, lora, _, summary = nodes.UnlearnData.execute(
+        mp, FakeVae(), images(2), retain_images=images(2, seed=1), clip=FakeClip(pooled=True) if with_clip else None,
+        caption="a cat" if with_clip else "", **DATA_KW).result
+    assert lora.family == "sdxl" and "FU" in summary
+    assert any(m.up.abs().max() > 0 for m in lora.modules.values())
