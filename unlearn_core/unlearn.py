@@ -10,8 +10,7 @@ Defaults (demo model) — each from a measurement, see ``benchmarks/acceptance_c
 - a retention constraint keeps the unconditional branch "" (which classifier-free guidance uses for *every*
   prompt) and the other classes' prompts within ρ of the base model, each with its own dual variable μ: a
   forget constraint alone does not bound collateral damage;
-- the threshold is a multiple (3.0) of the calibrated anchor–concept separation (at 2.5, meeting it exactly left
-  "four" at 8 % of 50 samples); the rollouts start where the
+- the threshold is a multiple (2.5) of the calibrated anchor–concept separation; the rollouts start where the
   demo's sampler starts (t = 925: the squared-cosine schedule's last step has ᾱ ≈ 2e-9 and its jump would weigh
   10⁵× the others in the path KL — with it, the constraint measured almost nothing else and nothing was erased);
 - λ is held at 0 for the first fifth (the adapter first moves towards the anchor), then takes damped steps
@@ -61,7 +60,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 #: Defaults of the demo-model job (CPU, minutes). ``threshold`` is a multiple of the calibrated separation.
 DEFAULTS: dict[str, Any] = {
-    "threshold": 3.0,
+    "threshold": 2.5,
     "steps": 120,
     "rank": 4,
     "targets": "xattn",
