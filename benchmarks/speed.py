@@ -16,13 +16,13 @@ x_t sits near T − k·T/S; here every forward gets x_t's own timestep (the cost
 **Ours**: :class:`unlearn_core.trainer.Trainer`, method ``ru``, built as ``unlearn --concept three`` builds it
 (``build_problem``): one UNet carrying a rank-4 LoRA, the frozen model = the same UNet with the adapter off; every
 ``refresh_every`` steps (the default: 10) one batched rollout of the current model at every wording and kept
-prompt, whose states at *all* S timesteps feed the steps until the next one; a step's frozen ε's (anchor and concept of every pair, each
-kept prompt's own) come from one batched forward, its trained ε's from another.
+prompt, whose states at *all* S timesteps feed the steps until the next one; a step's frozen ε's (anchor and
+concept of every pair, each kept prompt's own) come from one batched forward, its trained ε's from another.
 
 Cost per (x_t, t) pair, in UNet sample-forwards: ESD pays its own trajectory, (S − 1)/2 guided steps = S − 1
 sample-forwards on average, plus 2 frozen and 1 trained forward, all at batch 1 or 2. Ours pays the rollout's
-trajectories × S × 2 / (refresh_every × pairs per step) — under one sample-forward per pair — plus its share of the two
-batched forwards. Memory: ESD holds two UNet copies and gradients + Adam moments for every attn2 weight; ours one
+trajectories × S × 2 / (refresh_every × pairs per step) — under one sample-forward per pair — plus its share of
+the two batched forwards. Memory: ESD holds two UNet copies and gradients + Adam moments for every attn2 weight; ours one
 copy and a LoRA, but the autograd activations of all of a step's pairs at once — or, with the trainer's
 ``micro_batch`` (``unlearn --micro-batch``), of that many pairs at a time: measured both ways on SD1.5.
 
