@@ -362,9 +362,13 @@ def test_micro_batches_bound_the_trained_forward_and_accumulate_the_same_gradien
     (l1, g1), (l2, g2) = grads
     assert max(sizes[1]) <= 5 and max(sizes[0]) >= 64
     assert len(sizes[1]) >= 13  # 64 samples / 5: 13 forwards (concepts and FU: 128 / 5)
-    assert l2 == pytest.approx(l1, rel=1e-5)
+    # Loss and gradient are built from ε − target, a difference ~30× smaller than either term, so float32 rounding
+    # that depends on the forward's batch size (GEMM blocking) is amplified: on one CPU it reached 1.0e-5 of the loss
+    # and 1.8e-5 of the largest gradient entry (in a near-zero entry). A wrongly weighted or dropped micro-batch
+    # moves both by percents.
+    assert l2 == pytest.approx(l1, rel=1e-4)
     for a, b in zip(g2, g1):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
 
 
 @pytest.mark.parametrize("make", MICRO_CASES[:2] + MICRO_CASES[3:4])
