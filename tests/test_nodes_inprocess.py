@@ -51,15 +51,13 @@ def tiny_model(seed=0, kind="sd15"):
     import comfy.supported_models
 
     torch.manual_seed(seed)
-    if kind in ("sdxl", "sdxl-v"):
-        mc = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
-        mc.set_inference_dtype(torch.float32, None)
+    xl = kind.startswith("sdxl")
+    mc = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET)) if xl else comfy.supported_models.SD15(dict(TINY_UNET))
+    mc.set_inference_dtype(torch.float32, None)
+    if kind == "sd2v":
+        base = comfy.model_base.BaseModel(mc, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    else:  # SDXL's model_type() reads a "v_pred" key of the state dict
         base = mc.get_model({"v_pred": torch.tensor([])} if kind == "sdxl-v" else {})
-    else:
-        mc = comfy.supported_models.SD15(dict(TINY_UNET))
-        mc.set_inference_dtype(torch.float32, None)
-        base = (mc.get_model({}) if kind == "sd15" else
-                comfy.model_base.BaseModel(mc, model_type=comfy.model_base.ModelType.V_PREDICTION))
     with torch.no_grad():  # ComfyUI zero-initialises output layers; random weights make every layer matter
         for p in base.diffusion_model.parameters():
             p.normal_(0, 0.05)

@@ -362,7 +362,7 @@ def test_micro_batches_bound_the_trained_forward_and_accumulate_the_same_gradien
     (l1, g1), (l2, g2) = grads
     assert max(sizes[1]) <= 5 and max(sizes[0]) >= 64
     assert len(sizes[1]) >= 13  # 64 samples / 5: 13 forwards (concepts and FU: 128 / 5)
-    # Loss and gradient are built from ε − target, a difference ~30× smaller than either term, so float32 rounding
+    # Loss and gradient are built from ε − target, a difference much smaller than either term, so float32 rounding
     # that depends on the forward's batch size (GEMM blocking) is amplified: on one CPU it reached 1.0e-5 of the loss
     # and 1.8e-5 of the largest gradient entry (in a near-zero entry). A wrongly weighted or dropped micro-batch
     # moves both by percents.

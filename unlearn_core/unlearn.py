@@ -19,8 +19,8 @@ Defaults (demo model) — each from a measurement, see ``benchmarks/acceptance_c
   on move with the model, so it over-read early, λ overshot, and the adapter ended at 0.6–0.9× the request;
 - the rollouts that estimate is measured on are redrawn every 10 steps: redrawn every 20 (4 trajectories per
   wording held for 20 steps) the estimate read low for "four" and "six", λ settled too high and the adapters ended
-  at 1.19× and 1.15× the request (fresh 512-sample estimate: 1.18×, so not the final estimate's noise); every 10:
-  0.99× and 1.05×, at ~1.25× the training time.
+  at 1.19× and 1.15× the request; every 10: 0.99× and 1.05×, at ~1.25× the training time
+  (docs/benchmarks/acceptance-defaults-2026-12-06.log).
 
 Data (FU), measured on 5 training images of "3": the constraint is the rise of the forget images' NELBO summed
 over the steps the sampler takes (from t = 925; with the last index it was ~1100 nats of which ~500 were that one
