@@ -58,7 +58,7 @@ def test_lora_metadata_names_method_concept_and_constraint(run_dir):
     assert json.loads(md["unlearn.concepts"]) == ["three"]
     (c,) = json.loads(md["unlearn.constraints"])
     assert c["requested"] > 0 and c["achieved"] > 0 and 0 <= c["lambda"] <= unlearn.DEFAULTS["lam_max"]
-    assert md["ss_network_dim"] == "4" and md["unlearn.base_model_hash"].startswith("sha256:")
+    assert md["ss_network_dim"] == str(unlearn.DEFAULTS["rank"]) and md["unlearn.base_model_hash"].startswith("sha256:")
 
 
 def test_metrics_json_has_requested_achieved_and_judge_metrics(run_dir):
@@ -218,6 +218,30 @@ def test_demo_wordings_choose_the_training_templates_a_digit_is_expanded_to():
     for bad in ("0,1,9", "0,0", "", "a,b"):
         with pytest.raises(ValueError, match="demo_wordings"):
             wordings("--set", f"demo_wordings={bad}")
+
+
+def test_training_options_default_per_job_kind_and_set_overrides_them(tmp_path):
+    """An omitted --steps / --rank / --lr / --targets takes its default when the job is built — the data job on the
+    demo its own length and rank, ``--set`` the same as the option — and a given option is never replaced."""
+    from PIL import Image
+
+    (tmp_path / "f").mkdir()
+    Image.new("L", (16, 16)).save(tmp_path / "f" / "0.png")
+
+    def job(*extra):
+        args = cli.build_parser().parse_args(["unlearn", "--out", str(tmp_path / "o"), *extra])
+        j = unlearn.prepare_job(args)[0]
+        return j.steps, j.rank, j.lr, j.targets
+
+    d = unlearn.DEFAULTS
+    concept, data = ["--concept", "five"], ["--forget", str(tmp_path / "f")]
+    assert job(*concept) == (d["steps"], d["rank"], d["lr"], d["targets"])
+    assert job(*data) == (d["fu_steps"], d["fu_rank"], d["lr"], d["targets"])
+    assert d["fu_rank"] != d["rank"] and d["fu_steps"] != d["steps"]  # else the line above proves nothing
+    assert job(*data, "--rank", str(d["rank"]), "--steps", str(d["steps"]))[:2] == (d["steps"], d["rank"])
+    assert job(*concept, "--set", "rank=3", "--set", "lr=0.01", "--set", "targets=attn", "--set", "steps=7") == \
+        (7, 3, 0.01, "attn")
+    assert job(*concept, "--set", "rank=3", "--rank", "5")[1] == 5
 
 
 RESUMABLE = [*TINY, "--steps", "8", "--eval-samples", "0", "--checkpoint-every", "2",

@@ -57,6 +57,15 @@ def test_lora_at_strength_zero_is_the_base_and_at_one_differs(tmp_path, lora_fil
     assert np.abs(np.load(base / "samples.npy") - np.load(one / "samples.npy")).max() > 1e-3
 
 
+def test_judge_counts_the_digits_it_sees(tmp_path):
+    r = sample_cli(tmp_path / "s", "--judge")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("judged as digit: "))
+    counts = [int(part.split(": ")[1].split(" ")[0]) for part in line.removeprefix("judged as digit: ").split(", ")]
+    assert len(counts) == 10 and sum(counts) == 4
+    assert counts[7] >= 3  # the base model draws what it is asked for (the judge: 1.00 on this prompt at n = 50)
+
+
 def test_missing_lora_file_is_one_line_and_exit_2(tmp_path):
     r = sample_cli(tmp_path / "x", "--lora", str(tmp_path / "nope.safetensors"))
     assert r.returncode == 2

@@ -229,6 +229,38 @@ def test_dual_warmup_holds_lambda_then_updates_and_polish_records_are_marked(bas
         TrainConfig(dual_warmup=0.9, polish_fraction=0.2)
 
 
+def test_fresh_dual_estimate_reads_only_states_the_adapter_has_not_trained_on(base):
+    """dual_estimate "fresh": λ steps on the path KL of the step right after each refresh (draws from trajectories
+    the adapter has not been trained on); a window without a refresh reuses the latest such value."""
+
+    class Spy(Trainer):
+        def _concept_loss(self, step, stats):
+            self.now = step
+            return super()._concept_loss(step, stats)
+
+        def _path_kl(self, *a):
+            v = super()._path_kl(*a)
+            self.seen.append((self.now, v))
+            return v
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(seed=0, **{**TINY, "steps": 16, "dual_every": 2, "refresh_every": 4, "dual_estimate": "fresh"})
+    spy = Spy(toy_denoiser(base), concept_problem("ru", threshold=3.0), cfg)
+    spy.seen = []
+    res = spy.run()
+    per_step = dict(spy.seen)  # one wording, one constraint, no kept prompts: one value per step
+    assert sorted(per_step) == list(range(16))
+    duals = [h for h in res.history if "lambda" in h]
+    assert len(duals) == 8
+    latest = None
+    for h in duals:
+        window = [h["step"] - 1, h["step"]]
+        latest = next((per_step[s] for s in window if s % 4 == 0), latest)
+        assert h["estimate"] == [latest]
+        assert h["stale_estimate"][0] == pytest.approx(sum(per_step[s] for s in window) / 2)
+    assert len({h["estimate"][0] for h in duals}) == 4  # four refreshes, each estimate used by two windows
+
+
 @pytest.mark.parametrize("make", [lambda: concept_problem("ru"), lambda: concept_problem("lu"),
                                   lambda: data_problem("fu")])
 def test_a_run_resumed_from_a_checkpoint_through_a_file_reproduces_the_uninterrupted_run(base, make, tmp_path):

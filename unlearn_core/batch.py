@@ -192,6 +192,8 @@ def job_fingerprint(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             continue
         canon[k] = str(v) if isinstance(v, Path) else v
     canon["set"] = dict(sorted(unlearn.parse_overrides(args.set or []).items()))
+    with unlearn.overridden_defaults(canon["set"]):  # an omitted option and its default value agree
+        canon.update(unlearn.resolve_options(args))
     blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), default=str).encode()
     return canon, "sha256:" + hashlib.sha256(blob).hexdigest()
 

@@ -33,6 +33,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=Path, default=None, help="model folder (default: the shipped demo model)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     p.add_argument("--scale", type=int, default=4, help="PNG upscaling factor (nearest neighbour)")
+    p.add_argument("--judge", action="store_true",
+                   help="also print how the demo's judge labels the images (count per digit)")
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
@@ -84,6 +86,11 @@ def run_sample(args: argparse.Namespace) -> int:
         im.save(buf, format="PNG")
         write_bytes_atomic(args.out / f"{i:04d}.png", buf.getvalue(), overwrite=True)
     print(f"{args.n} images of {args.prompt!r} in {seconds:.1f} s -> {args.out}")
+    if args.judge:
+        from .judge import load_judge
+
+        counts = torch.bincount(load_judge().predict_digit(imgs), minlength=10).tolist()
+        print("judged as digit: " + ", ".join(f"{d}: {c} ({100 * c / args.n:.1f} %)" for d, c in enumerate(counts)))
     return 0
 
 
