@@ -1,7 +1,7 @@
 """Speed and memory of our trainer against ESD's published procedure (issue 7, part 2), in one run on one machine.
 
-    python benchmarks/speed.py            # full: ≈ 18 min on one busy CPU core
-    python benchmarks/speed.py --quick    # the same keys in ≈ 5 min (8x8 SD1.5 latent, S = 4, small caps)
+    python benchmarks/speed.py            # full: ≈ 16–18 min on one busy CPU core
+    python benchmarks/speed.py --quick    # the same keys in ≈ 6 min (8x8 SD1.5 latent, S = 4, small caps)
 
 **ESD** (Gandikota et al. 2023, ESD-x), re-implemented from the paper and ``train-esd.py``: two full UNet copies, a
 frozen original and a trainable one whose cross-attention (``attn2``) weights Adam trains in full. For every
@@ -14,10 +14,11 @@ copied: ``train-esd.py`` hands the frozen model a DDPM timestep drawn near k·T/
 x_t sits near T − k·T/S; here every forward gets x_t's own timestep (the cost is the same).
 
 **Ours**: :class:`unlearn_core.trainer.Trainer`, method ``ru``, built as ``unlearn --concept three`` builds it
-(``build_problem``): one UNet carrying a rank-4 LoRA, the frozen model = the same UNet with the adapter off; every
-``refresh_every`` steps (the default: 10) one batched rollout of the current model at every wording and kept
-prompt, whose states at *all* S timesteps feed the steps until the next one; a step's frozen ε's (anchor and
-concept of every pair, each kept prompt's own) come from one batched forward, its trained ε's from another.
+(``build_problem``): one UNet carrying the product's LoRA (rank 8), the frozen model = the same UNet with the
+adapter off; every ``refresh_every`` steps (the default: 10) one batched rollout of the current model at every
+wording and kept prompt, whose states at *all* S timesteps feed the steps until the next one; a step's frozen ε's
+(anchor and concept of every pair, each kept prompt's own) come from one batched forward, its trained ε's from
+another.
 
 Cost per (x_t, t) pair, in UNet sample-forwards: ESD pays its own trajectory, (S − 1)/2 guided steps = S − 1
 sample-forwards on average, plus 2 frozen and 1 trained forward, all at batch 1 or 2. Ours pays the rollout's
@@ -27,8 +28,8 @@ copy and a LoRA, but the autograd activations of all of a step's pairs at once �
 ``micro_batch`` (``unlearn --micro-batch``), of that many pairs at a time: measured both ways on SD1.5.
 
 Measured, each method in its own forked process (so its peak RSS is its own): seconds per optimiser step (ours:
-the mean step without its rollout + the rollout / 20), peak RSS and peak RSS minus the RSS after imports (demo:
-and after loading the shared text encoder), on the demo UNet and on an SD1.5-architecture UNet (random weights,
+the mean step without its rollout + the rollout / refresh_every), peak RSS and peak RSS minus the RSS after
+imports (demo: and after loading the shared text encoder), on the demo UNet and on an SD1.5-architecture UNet (random weights,
 fake text encoder, small latent, S = 10, ours' calibration skipped); and time-to-target on the demo: training
 seconds (clock paused while checking; ours' calibration included) until fewer than 5 % of 32 fixed-seed samples
 of "a handwritten digit three" are judged a three (forget rate > 95 %), then the other digits' accuracy. Prints
@@ -249,7 +250,7 @@ def pair_counts(trainer) -> dict:
     keep = (cfg.keep_batch or cfg.batch) * n_keep
     return {"pairs_per_step": concept + keep, "concept_pairs": concept, "keep_pairs": keep,
             "rollouts_per_refresh": cfg.rollouts * n_terms + (cfg.keep_rollouts or cfg.rollouts) * n_keep,
-            "refresh_every": cfg.refresh_every, "sampler_steps": cfg.rollout_jumps}
+            "refresh_every": cfg.refresh_every, "sampler_steps": cfg.rollout_jumps, "rank": trainer.d.rank}
 
 
 def amortised(events: list[tuple[str, float]], start: float, refresh_every: int) -> dict:
@@ -471,7 +472,7 @@ def report(res: dict, settings: dict, quick: bool, wall: float) -> dict:
           f"({so['concept_pairs']} + {so['keep_pairs']} on SD1.5), drawn from one rollout of "
           f"{to['rollouts_per_refresh']} ({so['rollouts_per_refresh']}) trajectories × S states every "
           f"{to['refresh_every']} steps — {_pct(to.get('trajectory_share'))} ({_pct(so['trajectory_share'])}) of a "
-          f"step — plus one batched frozen and one batched trained forward on one UNet with a rank-4 LoRA "
+          f"step — plus one batched frozen and one batched trained forward on one UNet with a rank-{to['rank']} LoRA "
           f"(µ{so['micro_batch']}: the same step, both forwards in micro-batches of {so['micro_batch']} pairs, "
           f"gradients accumulated — `unlearn --micro-batch {so['micro_batch']}`). "
           f"SD1.5: calibration skipped (a one-off sweep, hours here), the rollout amortised over "
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    p.add_argument("--quick", action="store_true", help="≈ 5 min: SD1.5 at 8x8 and S = 4, smaller caps")
+    p.add_argument("--quick", action="store_true", help="≈ 6 min: SD1.5 at 8x8 and S = 4, smaller caps")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every measurement")
     p.add_argument("--seed", type=int, default=0, help="seeds ESD's draws, ours' trainer and the checks' samples")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON summary to this file")

@@ -185,8 +185,10 @@ def test_predict_groups_equals_separate_predicts_and_carries_gradients(base):
     groups = [(x, t, den.encode(["anchor"])), (x2, t2, (torch.randn(1, 3, CTX), None)), (x[:1], t[:1], den.encode([""]))]
     grouped = den.predict_groups(groups, adapted=True)
     assert [g.shape[0] for g in grouped] == [3, 2, 1]
+    # one batched call against separate ones: only float rounding may differ (this CPU's batched kernels have
+    # differed by 1.1e-6 on ε of order 1); a sample given another group's conditioning differs by 0.19–0.25
     for g, (xi, ti, c) in zip(grouped, groups):
         with torch.no_grad():
-            torch.testing.assert_close(g.detach(), den.predict(xi, ti, c, adapted=True), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(g.detach(), den.predict(xi, ti, c, adapted=True), rtol=1e-4, atol=1e-5)
     sum(g.pow(2).mean() for g in grouped).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in den.trainable_parameters())
