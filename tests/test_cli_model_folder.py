@@ -203,8 +203,10 @@ def test_bad_model_paths_are_one_line_errors(folders, tmp_path, capsys):
     assert "no model_index.json" in _one_line_error(capsys, "--model", str(empty), *out)
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"\0" * 16)
-    msg = _one_line_error(capsys, "--model", str(ckpt), *out)
-    assert "single-file checkpoints are not supported" in msg and "ComfyUI nodes" in msg
+    msg = _one_line_error(capsys, "--model", str(ckpt), *out)  # single files: tests/test_cli_single_file.py
+    assert "cannot read the checkpoint" in msg
+    assert "--tokenizer is for single-file checkpoints" in _one_line_error(
+        capsys, "--model", str(folders["sd1"]), "--tokenizer", str(tmp_path), *out)
     other = tmp_path / "flux"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))

@@ -10,8 +10,16 @@
 The folder is what ``StableDiffusionPipeline.save_pretrained`` (or ``StableDiffusionXLPipeline``) writes:
 ``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` (SDXL also
 ``text_encoder_2/``, ``tokenizer_2/``). SD1.x, SD2.x (ε- and v-prediction) and SDXL base are supported. Everything
-loads with ``local_files_only=True``: nothing is ever downloaded. Single-file checkpoints are refused here (their
-diffusers configs would come from the hub); the ComfyUI nodes load them.
+loads with ``local_files_only=True``: nothing is ever downloaded.
+
+    model = load_single_file("v1-5-pruned-emaonly.safetensors", tokenizer="ComfyUI/comfy/sd1_tokenizer")
+
+A single-file SD1.x checkpoint (original ``model.diffusion_model.*`` / ``first_stage_model.*`` /
+``cond_stage_model.transformer.*`` names) is converted with diffusers' converters against the SD1.x configs shipped
+in ``sd_configs/sd15/``; CLIP's vocabulary is not in the file, so the tokenizer comes from ``tokenizer`` or, when this
+package sits inside a ComfyUI tree, from ComfyUI's ``comfy/sd1_tokenizer``. SD2.x and SDXL single files are refused
+with a message (their text encoders and prediction type need configs we do not ship: use a diffusers folder or the
+ComfyUI nodes).
 """
 
 from __future__ import annotations
@@ -24,14 +32,29 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SD_PIPELINES", "SDXL_PIPELINES", "StableDiffusionModel", "load_diffusers_folder"]
+__all__ = ["SD_PIPELINES", "SDXL_PIPELINES", "StableDiffusionModel", "find_clip_tokenizer", "load_diffusers_folder",
+           "load_model_path", "load_single_file"]
 
 log = logging.getLogger(__name__)
 
 SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
-SUPPORTED = "a diffusers Stable Diffusion folder (SD1.x, SD2.x incl. v-prediction, SDXL base)"
+SUPPORTED = ("a diffusers Stable Diffusion folder (SD1.x, SD2.x incl. v-prediction, SDXL base) or an SD1.x "
+             "single-file checkpoint")
+SD15_CONFIGS = Path(__file__).with_name("sd_configs") / "sd15"
+# the parts a single-file SD1.x checkpoint must hold (original LDM names)
+SD1_PREFIXES = {"model.diffusion_model.": "the UNet", "first_stage_model.": "the VAE",
+                "cond_stage_model.transformer.": "the CLIP text encoder"}
+
+
+def _check_resolution(pixels: int, unet_blocks: Sequence, vae_blocks: Sequence) -> None:
+    vae_scale = 2 ** (len(vae_blocks) - 1)
+    halvings = len(unet_blocks) - 1  # the UNet halves the latent this often
+    step = vae_scale * 2 ** halvings
+    if pixels <= 0 or pixels % step:
+        raise ValueError(f"--resolution {pixels}: must be a positive multiple of {step} for this model (the VAE "
+                         f"scales by {vae_scale}, the UNet halves its input {halvings}×)")
 
 
 class StableDiffusionModel:
@@ -71,6 +94,12 @@ class StableDiffusionModel:
     def image_size(self) -> int:
         size = self.unet.config.sample_size
         return int(size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
+    def set_resolution(self, pixels: int) -> None:
+        """Train and sample at ``pixels`` × ``pixels`` instead of the model's native size (e.g. 256 on a CPU)."""
+        _check_resolution(pixels, self.unet.config.block_out_channels, self.vae.config.block_out_channels)
+        self.unet.register_to_config(sample_size=pixels // self.vae_scale_factor)
+
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -251,18 +280,36 @@ def _check_component(root: Path, name: str, files: Sequence[str]) -> Path:
     return sub
 
 
-def check_model_path(path: str | Path) -> tuple[Path, dict, str]:
-    """Cheap checks of a ``--model`` path before anything is created or loaded: (folder, model_index, "sd"|"sdxl")."""
+def check_model_path(path: str | Path, tokenizer: str | Path | None = None,
+                     resolution: int | None = None) -> tuple[Path, dict, str]:
+    """Cheap checks of a ``--model`` path (and ``--tokenizer``, ``--resolution``) before anything is created or
+    loaded: (path, model_index, "sd"|"sdxl"). A single-file checkpoint gets a stand-in index
+    ``{"_class_name": "StableDiffusionPipeline", "single_file": True}`` once its names say SD1.x and a CLIP
+    tokenizer is found (``tokenizer``, else ComfyUI's)."""
+    root, index, pipeline = _check_model_path(path, tokenizer)
+    if tokenizer is not None and not index.get("single_file"):
+        raise ValueError(f"--model {root} is a folder with its own tokenizer; --tokenizer is for single-file "
+                         "checkpoints")
+    if resolution:
+        cfg_root = SD15_CONFIGS if index.get("single_file") else root
+        try:
+            blocks = [json.loads((cfg_root / sub / "config.json").read_text())["block_out_channels"]
+                      for sub in ("unet", "vae")]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--model {root}: cannot read the UNet/VAE configs ({_first_line(e)})") from None
+        _check_resolution(int(resolution), *blocks)
+    return root, index, pipeline
+
+
+def _check_model_path(path: str | Path, tokenizer: str | Path | None) -> tuple[Path, dict, str]:
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"--model {root} does not exist; give {SUPPORTED}, or leave --model out for the "
                                 "demo model")
     if root.is_file():
         if root.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            raise ValueError(f"--model {root}: single-file checkpoints are not supported by the CLI yet (their "
-                             "diffusers configs would come from the hub); give a diffusers folder (model_index.json "
-                             "with unet/, vae/, text_encoder/, tokenizer/, scheduler/), or load the checkpoint with "
-                             "the ComfyUI nodes")
+            check_single_file(root, tokenizer)
+            return root, {"_class_name": "StableDiffusionPipeline", "single_file": True}, "sd"
         raise ValueError(f"--model {root} is a file; give {SUPPORTED}")
     index_path = root / "model_index.json"
     if not index_path.is_file():
@@ -287,7 +334,9 @@ def check_model_path(path: str | Path) -> tuple[Path, dict, str]:
 def load_diffusers_folder(path: str | Path, device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float32) -> StableDiffusionModel:
     """A Stable Diffusion model from a local diffusers folder (never downloads); one-line errors otherwise."""
-    root, index, pipeline = check_model_path(path)
+    root, index, pipeline = _check_model_path(path, None)
+    if index.get("single_file"):
+        raise ValueError(f"--model {root} is a single-file checkpoint; load it with load_single_file")
     cls = str(index.get("_class_name", ""))
     text_names = ["text_encoder"] + (["text_encoder_2"] if pipeline == "sdxl" else [])
     tok_names = ["tokenizer"] + (["tokenizer_2"] if pipeline == "sdxl" else [])
@@ -341,6 +390,13 @@ def load_diffusers_folder(path: str | Path, device: str | torch.device = "cpu",
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"--model {root}: scheduler/scheduler_config.json is not valid JSON ({_first_line(e)})") from None
 
+    return _assemble(root, cls, pipeline, unet, vae, encoders, tokenizers, sched_cfg, device,
+                     force_zeros=bool(index.get("force_zeros_for_empty_prompt", pipeline == "sdxl")))
+
+
+def _assemble(root: Path, cls: str, pipeline: str, unet, vae, encoders: list, tokenizers: list, sched_cfg: dict,
+              device, force_zeros: bool) -> StableDiffusionModel:
+    """Check that the loaded pieces fit together, freeze them, wrap them."""
     # the pieces must fit together (a mismatch would otherwise fail deep inside the first training step)
     ucfg, vcfg = unet.config, vae.config
     if ucfg.in_channels != vcfg.latent_channels:
@@ -366,9 +422,165 @@ def load_diffusers_folder(path: str | Path, device: str | torch.device = "cpu",
         m.to(device).eval().requires_grad_(False)
     model = StableDiffusionModel(unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                                  scheduler_config=sched_cfg, pipeline=pipeline, name=root.name, device=device,
-                                 force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt",
-                                                                             pipeline == "sdxl")),
-                                 guidance=5.0 if pipeline == "sdxl" else 7.5)
+                                 force_zeros_for_empty_prompt=force_zeros, guidance=5.0 if pipeline == "sdxl" else 7.5)
     log.info("loaded %s (%s, %s-prediction, UNet family %s) from %s", cls, pipeline,
              model.scheduler.config.prediction_type, model.family, root)
+    return model
+
+
+# ------------------------------------------------------------------------------------------- single files
+def find_clip_tokenizer(explicit: str | Path | None = None, search_from: str | Path | None = None) -> Path:
+    """The folder with CLIP ViT-L/14's ``vocab.json`` and ``merges.txt``: ``explicit`` (that folder, or a diffusers
+    model folder with ``tokenizer/``), else ComfyUI's ``comfy/sd1_tokenizer`` in a tree above ``search_from`` (this
+    package: ``ComfyUI/custom_nodes/ComfyUI-Unlearn/unlearn_core``)."""
+    files = ("vocab.json", "merges.txt")
+    if explicit is not None:
+        d = Path(explicit).expanduser()
+        for cand in (d, d / "tokenizer"):
+            if all((cand / f).is_file() for f in files):
+                return cand
+        raise FileNotFoundError(f"--tokenizer {d}: holds no {' and '.join(files)} (nor does {d / 'tokenizer'})")
+    for parent in Path(search_from or __file__).resolve().parents:
+        cand = parent / "comfy" / "sd1_tokenizer"
+        if all((cand / f).is_file() for f in files):
+            return cand
+    raise FileNotFoundError("no CLIP tokenizer: a single-file checkpoint holds no vocabulary; give --tokenizer DIR "
+                            "(a folder with vocab.json and merges.txt, e.g. ComfyUI/comfy/sd1_tokenizer or a diffusers "
+                            "SD1.5 folder's tokenizer/)")
+
+
+def _single_file_shapes(root: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        if root.suffix.lower() in (".safetensors", ".sft"):
+            from safetensors import safe_open
+
+            with safe_open(str(root), "pt") as fh:
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        return {k: tuple(v.shape) for k, v in _read_state_dict(root).items()}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"--model {root}: cannot read the checkpoint ({_first_line(e)})") from None
+
+
+def _read_state_dict(root: Path) -> dict[str, torch.Tensor]:
+    try:
+        if root.suffix.lower() in (".safetensors", ".sft"):
+            from safetensors.torch import load_file
+
+            return load_file(str(root))
+        obj = torch.load(root, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--model {root}: cannot read the checkpoint ({_first_line(e)}); pickled checkpoints "
+                         "load with weights_only=True only — convert it to .safetensors") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"--model {root}: not a state dict of tensors")
+    return obj
+
+
+def check_single_file(root: Path, tokenizer: str | Path | None = None) -> Path:
+    """Cheap checks (the header's names and shapes) that ``root`` is a complete SD1.x checkpoint; returns the
+    tokenizer folder to use."""
+    shapes = _single_file_shapes(root)
+    names = list(shapes)
+    if any(k.startswith("conditioner.embedders.") for k in names):
+        other = "an SDXL checkpoint"
+    elif any(k.startswith("cond_stage_model.model.") for k in names):
+        other = "an SD2.x checkpoint (OpenCLIP text encoder)"
+    else:
+        other = ""
+    if other:
+        raise ValueError(f"--model {root}: {other}; single files are supported for SD1.x only — give the model as a "
+                         "diffusers folder, or use the ComfyUI nodes")
+    missing = [what for prefix, what in SD1_PREFIXES.items() if not any(k.startswith(prefix) for k in names)]
+    if missing:
+        raise ValueError(f"--model {root}: not a complete SD1.x checkpoint (no {', no '.join(missing)}"
+                         f"{'; the names look like a LoRA' if any('lora' in k for k in names[:50]) else ''})")
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and tuple(conv_in[:2]) != (320, 4):
+        raise ValueError(f"--model {root}: the UNet takes {conv_in[1]} input channels with {conv_in[0]} features; "
+                         "SD1.x text-to-image takes 4 (inpainting and other conditioned UNets are not supported)")
+    k_proj = shapes.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if k_proj is not None and k_proj[-1] != 768:
+        raise ValueError(f"--model {root}: the UNet's cross-attention reads {k_proj[-1]}-wide text features, not "
+                         "SD1.x's 768")
+    return find_clip_tokenizer(tokenizer)
+
+
+def _clip_state_dict(sd: dict[str, torch.Tensor], model_keys) -> dict[str, torch.Tensor]:
+    """``cond_stage_model.transformer.*`` → the names of this transformers version's ``CLIPTextModel`` (with or
+    without ``text_model.``; older checkpoints lack it too)."""
+    prefix = "cond_stage_model.transformer."
+    wants = any(k.startswith("text_model.") for k in model_keys)
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(prefix):
+            name = k[len(prefix):].removeprefix("text_model.")
+            # position_ids: a buffer (0…76), rebuilt by the model; text_projection (ComfyUI writes one): SD1.x's
+            # conditioning is the last hidden state, the projection is never used
+            if not name.endswith("position_ids") and not name.startswith("text_projection"):
+                out["text_model." + name if wants else name] = v
+    return out
+
+
+def load_single_file(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     tokenizer: str | Path | None = None) -> StableDiffusionModel:
+    """An SD1.x model from a single-file checkpoint, converted offline against ``sd_configs/sd15`` (never downloads);
+    one-line errors otherwise."""
+    root = Path(path).expanduser()
+    if not root.is_file():
+        raise FileNotFoundError(f"--model {root} does not exist")
+    tok_dir = check_single_file(root, tokenizer)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sd = _read_state_dict(root)
+
+    def convert(what: str, cls, subfolder: str):
+        from diffusers.utils import logging as dl
+
+        level = dl.get_verbosity()
+        dl.set_verbosity_error()  # not "modules … should be kept in float32: []" on every load
+        try:
+            with _no_progress_bars():
+                return cls.from_single_file(sd, config=str(SD15_CONFIGS), subfolder=subfolder, torch_dtype=dtype,
+                                            local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise ValueError(f"--model {root}: cannot convert {what} as SD1.x ({_first_line(e)})") from None
+        finally:
+            dl.set_verbosity(level)
+
+    unet = convert("the UNet", UNet2DConditionModel, "unet")
+    vae = convert("the VAE", AutoencoderKL, "vae")
+    te_cfg = CLIPTextConfig.from_json_file(str(SD15_CONFIGS / "text_encoder" / "config.json"))
+    text_encoder = CLIPTextModel(te_cfg)
+    result = text_encoder.load_state_dict(_clip_state_dict(sd, text_encoder.state_dict()), strict=False)
+    wrong = [k for k in result.missing_keys if not k.endswith("position_ids")] + list(result.unexpected_keys)
+    if wrong:
+        raise ValueError(f"--model {root}: the text encoder is not SD1.x's CLIP ViT-L/14 ({len(wrong)} mismatched "
+                         f"names, e.g. {wrong[0]})")
+    sd.clear()  # the converted copies are all that is kept
+    text_encoder.to(dtype)
+    try:  # 77 tokens: ComfyUI's tokenizer_config.json says 8192, the position table has 77
+        tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
+                            model_max_length=int(te_cfg.max_position_embeddings))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--tokenizer {tok_dir}: cannot load the CLIP tokenizer ({_first_line(e)})") from None
+    sched_cfg = json.loads((SD15_CONFIGS / "scheduler" / "scheduler_config.json").read_text())
+    return _assemble(root, "StableDiffusionPipeline (single file)", "sd", unet, vae, [text_encoder], [tok], sched_cfg,
+                     device, force_zeros=False)
+
+
+def load_model_path(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    tokenizer: str | Path | None = None, resolution: int | None = None) -> StableDiffusionModel:
+    """``--model``: a diffusers folder or a single-file SD1.x checkpoint; ``resolution`` px overrides the native size."""
+    root, index, _ = check_model_path(path, tokenizer, resolution)
+    if index.get("single_file"):
+        model = load_single_file(root, device=device, dtype=dtype, tokenizer=tokenizer)
+    else:
+        model = load_diffusers_folder(root, device=device, dtype=dtype)
+    if resolution:
+        model.set_resolution(int(resolution))
     return model

@@ -144,6 +144,8 @@ class UnlearnJob:
     checkpoint_every: int = 20
     resume: bool = False
     micro_batch: int = 0  # samples per adapted forward + backward (0: a whole step at once)
+    tokenizer: str | None = None  # CLIP tokenizer folder for a single-file --model
+    resolution: int = 0  # px; 0: the model's native size
 
     @property
     def kind(self) -> str:
@@ -294,6 +296,11 @@ def job_from_args(args: argparse.Namespace) -> UnlearnJob:
     anchor = args.erase_from if args.erase_from is not None else (args.anchor or "")
     demo = _is_demo(args.model)
     opts = resolve_options(args)
+    if demo and (args.tokenizer is not None or args.resolution is not None):
+        raise ValueError("--tokenizer and --resolution are for Stable Diffusion models (--model FOLDER or FILE); "
+                         "the demo model has its own")
+    if args.resolution is not None and args.resolution <= 0:
+        raise ValueError(f"--resolution must be > 0 px, got {args.resolution}")
     if opts["steps"] < 1:
         raise ValueError(f"--steps must be >= 1, got {opts['steps']}")
     if opts["rank"] < 1:
@@ -306,7 +313,9 @@ def job_from_args(args: argparse.Namespace) -> UnlearnJob:
                      targets=opts["targets"], lr=opts["lr"], seed=args.seed, device=args.device, model=args.model or "demo",
                      overwrite=args.overwrite, eval_samples=args.eval_samples, weight=args.weight,
                      caption=args.caption or "", checkpoint_every=args.checkpoint_every, resume=args.resume,
-                     micro_batch=args.micro_batch)
+                     micro_batch=args.micro_batch,
+                     tokenizer=str(args.tokenizer) if args.tokenizer is not None else None,
+                     resolution=args.resolution or 0)
     if args.micro_batch < 0:
         raise ValueError(f"--micro-batch must be >= 0 (0: a whole step at once), got {args.micro_batch}")
     if args.checkpoint_every < 0:
@@ -373,10 +382,11 @@ def load_model(job: UnlearnJob):
         from .demo import load_demo_model, load_judge
 
         return load_demo_model(device=job.device), load_judge()
-    from .models import load_diffusers_folder
+    from .models import load_model_path
 
-    # a diffusers Stable Diffusion folder (SD1.x/SD2.x/SDXL), loaded offline; no judge: no evaluation section
-    return load_diffusers_folder(job.model, device=job.device), None
+    # a diffusers Stable Diffusion folder (SD1.x/SD2.x/SDXL) or an SD1.x single file, loaded offline; no judge: no
+    # evaluation section
+    return load_model_path(job.model, device=job.device, tokenizer=job.tokenizer, resolution=job.resolution or None), None
 
 
 # ------------------------------------------------------------------------------------------------ job
@@ -504,7 +514,8 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
     if not _is_demo(job.model):
         from .models import check_model_path
 
-        check_model_path(job.model)  # a bad --model fails before the output folder is created
+        # a bad --model / --tokenizer / --resolution fails before the output folder is created
+        check_model_path(job.model, job.tokenizer, job.resolution or None)
     state = read_checkpoint(job) if job.resume else None
     if job.resume and state is None:
         _say(quiet, f"--resume: no checkpoint in {job.out}; starting from step 0")
@@ -746,8 +757,15 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0],
                               formatter_class=_DefaultsHelp)
     p.add_argument("--model", default="demo",
-                   help="'demo' (the built-in digits model) or a local diffusers Stable Diffusion folder "
-                        "(model_index.json; SD1.x, SD2.x incl. v-prediction, SDXL base; never downloads)")
+                   help="'demo' (the built-in digits model), a local diffusers Stable Diffusion folder "
+                        "(model_index.json; SD1.x, SD2.x incl. v-prediction, SDXL base) or a single-file SD1.x "
+                        "checkpoint (.safetensors/.ckpt); never downloads")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                   help="CLIP tokenizer (vocab.json, merges.txt) for a single-file --model; default: ComfyUI's "
+                        "comfy/sd1_tokenizer when installed under ComfyUI")
+    p.add_argument("--resolution", type=int, default=None, metavar="PX",
+                   help="train and sample at PX×PX (a Stable Diffusion --model; default its native size, e.g. 512 "
+                        "for SD1.5; 256 is ~4× cheaper per step)")
     p.add_argument("--method", choices=sorted(METHODS), default=None,
                    help="default: ru for --concept, fu for --forget")
     g = p.add_argument_group("concepts")
