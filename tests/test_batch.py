@@ -528,9 +528,11 @@ def test_a_comfyui_job_past_its_timeout_is_cancelled_and_fails(tmp_path, comfy):
     assert comfy.posts("/interrupt") == [{"prompt_id": summary["jobs"][0]["prompt_id"]}]
 
 
-def test_comfyui_options_it_cannot_express_are_bad_input(tmp_path, comfy):
-    rc, summary, _ = run_comfy(tmp_path, comfy, {"jobs": [{"concept": "x", "threshold_raw": 3.0}]})
+@pytest.mark.parametrize("option", [{"threshold_raw": 3.0}, {"tokenizer": "tok/"}, {"resolution": 256}])
+def test_comfyui_options_it_cannot_express_are_bad_input(tmp_path, comfy, option):
+    rc, summary, err = run_comfy(tmp_path, comfy, {"jobs": [{"concept": "x", **option}]})
     assert rc == 2 and summary == {} and not comfy.posted
+    assert f"{next(iter(option))}: not available with --comfyui" in err
 
 
 def test_an_unreachable_comfyui_is_one_line_exit_code_2(tmp_path, comfy):

@@ -229,9 +229,11 @@ def test_dual_warmup_holds_lambda_then_updates_and_polish_records_are_marked(bas
         TrainConfig(dual_warmup=0.9, polish_fraction=0.2)
 
 
-def test_fresh_dual_estimate_reads_only_states_the_adapter_has_not_trained_on(base):
-    """dual_estimate "fresh": λ steps on the path KL of the step right after each refresh (draws from trajectories
-    the adapter has not been trained on); a window without a refresh reuses the latest such value."""
+@pytest.mark.parametrize("fresh_steps", [1, 2])
+def test_fresh_dual_estimate_reads_only_states_the_adapter_has_not_trained_on(base, fresh_steps):
+    """dual_estimate "fresh": λ steps on the mean path KL of the first ``fresh_steps`` steps after each refresh
+    (draws from trajectories the adapter has not, or barely, been trained on); a window without a refresh reuses the
+    latest such value."""
 
     class Spy(Trainer):
         def _concept_loss(self, step, stats):
@@ -244,21 +246,25 @@ def test_fresh_dual_estimate_reads_only_states_the_adapter_has_not_trained_on(ba
             return v
 
     torch.manual_seed(0)
-    cfg = TrainConfig(seed=0, **{**TINY, "steps": 16, "dual_every": 2, "refresh_every": 4, "dual_estimate": "fresh"})
+    cfg = TrainConfig(seed=0, **{**TINY, "steps": 24, "dual_every": 3, "refresh_every": 6, "dual_estimate": "fresh",
+                                 "fresh_steps": fresh_steps})
     spy = Spy(toy_denoiser(base), concept_problem("ru", threshold=3.0), cfg)
     spy.seen = []
     res = spy.run()
     per_step = dict(spy.seen)  # one wording, one constraint, no kept prompts: one value per step
-    assert sorted(per_step) == list(range(16))
+    assert sorted(per_step) == list(range(24))
     duals = [h for h in res.history if "lambda" in h]
     assert len(duals) == 8
     latest = None
     for h in duals:
-        window = [h["step"] - 1, h["step"]]
-        latest = next((per_step[s] for s in window if s % 4 == 0), latest)
-        assert h["estimate"] == [latest]
-        assert h["stale_estimate"][0] == pytest.approx(sum(per_step[s] for s in window) / 2)
+        window = [h["step"] - 2, h["step"] - 1, h["step"]]
+        fresh = [per_step[s] for s in window if s % 6 < fresh_steps]
+        latest = sum(fresh) / len(fresh) if fresh else latest
+        assert h["estimate"][0] == pytest.approx(latest, rel=1e-12)
+        assert h["stale_estimate"][0] == pytest.approx(sum(per_step[s] for s in window) / 3)
     assert len({h["estimate"][0] for h in duals}) == 4  # four refreshes, each estimate used by two windows
+    with pytest.raises(ValueError, match="fresh_steps must be an integer in"):
+        TrainConfig(refresh_every=6, fresh_steps=7)
 
 
 @pytest.mark.parametrize("make", [lambda: concept_problem("ru"), lambda: concept_problem("lu"),

@@ -248,11 +248,12 @@ def _prepare(index: int, options: dict[str, Any], parser, out_root: Path, comfy:
     if comfy:
         if isinstance(name, str) and "+" in name:
             raise OptionError(f"name: {name!r} has a '+', which ComfyUI's Save Unlearning LoRA node refuses")
-        refused = sorted(given & {"forget", "retain", "caption", "threshold_raw", "set"})
+        refused = sorted(given & {"forget", "retain", "caption", "threshold_raw", "set", "tokenizer", "resolution"})
         if refused:
             raise OptionError(f"{refused[0]}: not available with --comfyui (the batch fills the Unlearn Concept node "
                               "of a workflow: concept, anchor, method, threshold, steps, rank, targets, lr, seed, "
-                              "weight, keep, model; other node inputs go under 'comfyui')")
+                              "weight, keep, model; other node inputs go under 'comfyui', e.g. "
+                              "{Unlearn Concept: {width: 256, height: 256}})")
         extra = options.get("comfyui", {})
         if not (isinstance(extra, Mapping) and all(isinstance(v, Mapping) for v in extra.values())):
             raise OptionError("comfyui: expected {node id, title or type: {input: value}}, e.g. "

@@ -162,6 +162,9 @@ class TrainConfig:
     # a refresh only (states the adapter has not trained on yet; between two refreshes λ steps on the latest such
     # value); "target": at p_λ (RU only)
     dual_estimate: str = "network"
+    # "fresh": how many steps from each refresh count as fresh (1: the refresh step alone). One step's draws are a
+    # noisy estimate; the next few have seen one or two updates on a sliver of the buffer's states
+    fresh_steps: int = 1
     rollouts: int = 32
     rollout_jumps: int | None = None  # None: every step of the schedule
     # First timestep of the rollouts (None: the noisiest). Set it to where your sampler starts: a squared-cosine
@@ -215,6 +218,9 @@ class TrainConfig:
             raise ValueError("learning rates must be > 0")
         if self.dual_estimate not in ("network", "fresh", "target"):
             raise ValueError(f"dual_estimate must be 'network', 'fresh' or 'target', got {self.dual_estimate!r}")
+        if not (isinstance(self.fresh_steps, int) and 1 <= self.fresh_steps <= self.refresh_every):
+            raise ValueError(f"fresh_steps must be an integer in [1, refresh_every = {self.refresh_every}], got "
+                             f"{self.fresh_steps!r}")
         if not (0.0 <= self.polish_fraction < 0.5):
             raise ValueError(f"polish_fraction must be in [0, 0.5), got {self.polish_fraction!r}")
         if not (0.0 <= self.dual_warmup < 1.0 - self.polish_fraction):
@@ -522,7 +528,7 @@ class Trainer:
             else:
                 est = self._path_kl(term["buf"], preds[k], e_q, t, c)
             stats.setdefault("est", [[] for _ in self.constraints])[i].append(est)
-            if step % cfg.refresh_every == 0:  # drawn from trajectories the adapter has not trained on yet
+            if step % cfg.refresh_every < cfg.fresh_steps:  # trajectories the adapter has (almost) not trained on
                 stats.setdefault("fresh_est", [[] for _ in self.constraints])[i].append(est)
             if cfg.dual_estimate == "target":
                 stats.setdefault("net_est", [[] for _ in self.constraints])[i].append(

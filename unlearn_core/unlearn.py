@@ -86,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
     # the adapter's own path KL on trajectories it has not trained on yet ("network": on every step's draws;
     # "target": at p_λ's closed form; see above)
     "dual_estimate": "fresh",
+    "fresh_steps": 1,
     "polish_fraction": 0.2,
     "rollouts": 4,
     "rollout_jumps": 50,
@@ -466,6 +467,7 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
         config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["batch"], keep_batch=d["keep_batch"],
                              dual_every=d["dual_every"], dual_lr=d["dual_lr"], dual_smoothing=0.5,
                              dual_estimate=d["dual_estimate"] if job.method in ("ru", "esd") else "network",
+                             fresh_steps=d["fresh_steps"],
                              polish_fraction=d["polish_fraction"],
                              rollouts=d["rollouts"], keep_rollouts=d["keep_rollouts"], rollout_jumps=d["rollout_jumps"],
                              refresh_every=d["refresh_every"], guidance=d["guidance"],
