@@ -151,6 +151,17 @@ def test_files_that_are_not_sd1_checkpoints_are_refused_in_one_line(files, tmp_p
     assert not out.exists()  # refused before the output folder is created
 
 
+def test_a_pickled_checkpoint_is_read_with_weights_only_and_its_state_dict_unwrapped(files, tmp_path, capsys):
+    _, tok = files
+    ckpt = tmp_path / "model.ckpt"  # as the original SD releases: {"state_dict": {...}, ...}
+    torch.save({"global_step": 1, "state_dict": {**{k: torch.zeros(s) for k, s in SD1_PARTS.items()},
+                                                  "cond_stage_model.model.x": torch.zeros(1)}}, ckpt)
+    rc = cli.main(["unlearn", "--model", str(ckpt), "--tokenizer", str(tok), "--concept", "a cat", "--quiet",
+                   "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "an SD2.x checkpoint" in err[0], err
+
+
 def test_bad_tokenizer_resolution_and_unreadable_files_are_refused_in_one_line(files, tmp_path, capsys):
     ckpt, tok = files
     fake = _fake(tmp_path / "model.safetensors", SD1_PARTS)

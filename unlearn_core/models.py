@@ -100,7 +100,6 @@ class StableDiffusionModel:
         _check_resolution(pixels, self.unet.config.block_out_channels, self.vae.config.block_out_channels)
         self.unet.register_to_config(sample_size=pixels // self.vae_scale_factor)
 
-
     # ------------------------------------------------------------------ text
     @torch.no_grad()
     def _encode_one(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -481,9 +480,13 @@ def _read_state_dict(root: Path) -> dict[str, torch.Tensor]:
 
 
 def check_single_file(root: Path, tokenizer: str | Path | None = None) -> Path:
-    """Cheap checks (the header's names and shapes) that ``root`` is a complete SD1.x checkpoint; returns the
-    tokenizer folder to use."""
-    shapes = _single_file_shapes(root)
+    """Cheap checks (a .safetensors header's names and shapes) that ``root`` is a complete SD1.x checkpoint; returns
+    the tokenizer folder to use."""
+    _check_sd1_names(root, _single_file_shapes(root))
+    return find_clip_tokenizer(tokenizer)
+
+
+def _check_sd1_names(root: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     names = list(shapes)
     if any(k.startswith("conditioner.embedders.") for k in names):
         other = "an SDXL checkpoint"
@@ -506,7 +509,6 @@ def check_single_file(root: Path, tokenizer: str | Path | None = None) -> Path:
     if k_proj is not None and k_proj[-1] != 768:
         raise ValueError(f"--model {root}: the UNet's cross-attention reads {k_proj[-1]}-wide text features, not "
                          "SD1.x's 768")
-    return find_clip_tokenizer(tokenizer)
 
 
 def _clip_state_dict(sd: dict[str, torch.Tensor], model_keys) -> dict[str, torch.Tensor]:
@@ -532,11 +534,15 @@ def load_single_file(path: str | Path, device: str | torch.device = "cpu", dtype
     root = Path(path).expanduser()
     if not root.is_file():
         raise FileNotFoundError(f"--model {root} does not exist")
-    tok_dir = check_single_file(root, tokenizer)
+    tok_dir = find_clip_tokenizer(tokenizer)
+    if root.suffix.lower() in (".safetensors", ".sft"):
+        _check_sd1_names(root, _single_file_shapes(root))  # from the header, before reading gigabytes
+        sd = _read_state_dict(root)
+    else:  # a pickle is read whole either way
+        sd = _read_state_dict(root)
+        _check_sd1_names(root, {k: tuple(v.shape) for k, v in sd.items()})
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    sd = _read_state_dict(root)
 
     def convert(what: str, cls, subfolder: str):
         from diffusers.utils import logging as dl
@@ -576,10 +582,11 @@ def load_single_file(path: str | Path, device: str | torch.device = "cpu", dtype
 def load_model_path(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     tokenizer: str | Path | None = None, resolution: int | None = None) -> StableDiffusionModel:
     """``--model``: a diffusers folder or a single-file SD1.x checkpoint; ``resolution`` px overrides the native size."""
-    root, index, _ = check_model_path(path, tokenizer, resolution)
-    if index.get("single_file"):
+    root = Path(path).expanduser()
+    if root.is_file() and root.suffix.lower() in SINGLE_FILE_SUFFIXES:
         model = load_single_file(root, device=device, dtype=dtype, tokenizer=tokenizer)
     else:
+        check_model_path(root, tokenizer, resolution)  # a --tokenizer given for a folder, a bad --resolution
         model = load_diffusers_folder(root, device=device, dtype=dtype)
     if resolution:
         model.set_resolution(int(resolution))
