@@ -165,6 +165,10 @@ class TrainConfig:
     # "fresh": how many steps from each refresh count as fresh (1: the refresh step alone). One step's draws are a
     # noisy estimate; the next few have seen one or two updates on a sliver of the buffer's states
     fresh_steps: int = 1
+    # "fresh": at each refresh, this many more states per wording of the new trajectories are read without a
+    # gradient step (0: none), weighted with the refresh step's own draws by count. A step draws few per wording
+    # (batch / wordings: 8 on the demo), and λ's ripple is that estimate's noise
+    fresh_samples: int = 0
     rollouts: int = 32
     rollout_jumps: int | None = None  # None: every step of the schedule
     # First timestep of the rollouts (None: the noisiest). Set it to where your sampler starts: a squared-cosine
@@ -218,6 +222,8 @@ class TrainConfig:
             raise ValueError("learning rates must be > 0")
         if self.dual_estimate not in ("network", "fresh", "target"):
             raise ValueError(f"dual_estimate must be 'network', 'fresh' or 'target', got {self.dual_estimate!r}")
+        if not (isinstance(self.fresh_samples, int) and self.fresh_samples >= 0):
+            raise ValueError(f"fresh_samples must be an integer >= 0, got {self.fresh_samples!r}")
         if not (isinstance(self.fresh_steps, int) and 1 <= self.fresh_steps <= self.refresh_every):
             raise ValueError(f"fresh_steps must be an integer in [1, refresh_every = {self.refresh_every}], got "
                              f"{self.fresh_steps!r}")
@@ -484,6 +490,8 @@ class Trainer:
             # what the concept's prompt makes now: a sample of the current model (a preview for front ends)
             self._emit({"type": "samples", "step": step, "name": self.terms[0]["name"],
                         "samples": self.terms[0]["buf"].final[:1].detach()})
+            if cfg.fresh_samples and cfg.dual_estimate == "fresh" and self.spec.constraint == "path_kl":
+                self._fresh_extra(stats)
         need_ref = self.spec.objective in ("likelihood_ratio", "likelihood")
         per_wording = max(cfg.batch // max(len(self.terms) // len(self.constraints), 1), 8)
         draws = [term["buf"].draw(per_wording, self.gen) for term in self.terms]
@@ -529,7 +537,7 @@ class Trainer:
                 est = self._path_kl(term["buf"], preds[k], e_q, t, c)
             stats.setdefault("est", [[] for _ in self.constraints])[i].append(est)
             if step % cfg.refresh_every < cfg.fresh_steps:  # trajectories the adapter has (almost) not trained on
-                stats.setdefault("fresh_est", [[] for _ in self.constraints])[i].append(est)
+                stats.setdefault("fresh_est", [[] for _ in self.constraints])[i].append((est, len(t)))
             if cfg.dual_estimate == "target":
                 stats.setdefault("net_est", [[] for _ in self.constraints])[i].append(
                     self._path_kl(term["buf"], preds[k], e_q, t, c))
@@ -537,6 +545,18 @@ class Trainer:
             stats.setdefault("keep_est", [[] for _ in self.keep_terms])[j].append(
                 self._path_kl(term["buf"], preds[len(self.terms) + j], frozen[base + j], t, c))
         return loss
+
+    def _fresh_extra(self, stats: dict) -> None:
+        """dual_estimate "fresh": the path KL of each wording on ``fresh_samples`` more states of the trajectories
+        just drawn (no grad, before the adapter trains on any of them), into ``stats["fresh_est"]`` with its count."""
+        n = self.cfg.fresh_samples
+        draws = [term["buf"].draw(n, self.gen) for term in self.terms]
+        frozen = self._predict_micro([(x, t, term["concept"]) for term, (x, t, _) in zip(self.terms, draws)])
+        adapted = self._predict_micro([(x, t, term["edit"]) for term, (x, t, _) in zip(self.terms, draws)],
+                                      adapted=True)
+        for term, (_x, t, c), e_a, e_q in zip(self.terms, draws, adapted, frozen):
+            est = self._path_kl(term["buf"], e_a, e_q, t, c)
+            stats.setdefault("fresh_est", [[] for _ in self.constraints])[term["ci"]].append((est, n))
 
     def _micro_parts(self, sizes: list[int]) -> list[list[tuple[int, slice]]]:
         """The samples of groups of ``sizes``, concatenated, in micro-batches of at most ``micro_batch`` (one when
@@ -550,13 +570,14 @@ class Trainer:
                         for g, (a, k) in enumerate(zip(starts, sizes)) if max(lo, a) < min(hi, a + k)])
         return out
 
-    def _predict_micro(self, groups: list) -> list[torch.Tensor]:
-        """Frozen ε of each (x, t, cond) group (no grad), in micro-batches of at most ``micro_batch``."""
+    def _predict_micro(self, groups: list, adapted: bool = False) -> list[torch.Tensor]:
+        """ε of each (x, t, cond) group (no grad; frozen unless ``adapted``), in micro-batches of at most
+        ``micro_batch``."""
         pieces: list[list[torch.Tensor]] = [[] for _ in groups]
         with torch.no_grad():
             for parts in self._micro_parts([len(x) for x, _, _ in groups]):
                 outs = predict_groups(self.d, [(groups[g][0][s], groups[g][1][s], groups[g][2]) for g, s in parts],
-                                      adapted=False)
+                                      adapted=adapted)
                 for (g, _s), o in zip(parts, outs):
                     pieces[g].append(o)
         return [torch.cat(p) if len(p) > 1 else p[0] for p in pieces]
@@ -818,7 +839,7 @@ class Trainer:
             # on those it has fitted, its path KL reads higher than on its fresh trajectories (on the demo the
             # 5-step windows without a refresh read 12–20 % above the ones with one, and λ settled short).
             if "fresh_est" in stats:
-                self._fresh_est = [sum(v) / len(v) for v in stats["fresh_est"]]
+                self._fresh_est = [sum(e * n for e, n in v) / sum(n for _, n in v) for v in stats["fresh_est"]]
             if self._fresh_est is not None:
                 rec["stale_estimate"] = ests
                 ests = list(self._fresh_est)

@@ -30,7 +30,11 @@ Defaults (demo model) — each from a measurement, see ``benchmarks/acceptance_c
   trained on yet: the adapter fits the states it trains on, so on the later steps of a redraw the estimate read
   high (``--set dual_estimate=network``, every step's estimate: in ``metrics.json``'s ``dual_history`` the 5-step
   windows without a redraw read 12–20 % above the ones with one, in ten runs) and λ settled short: "seven" ended
-  at 0.83× its request, 0.93× on fresh estimates (docs/benchmarks/acceptance-2026-12-06b.log).
+  at 0.83× its request, 0.93× on fresh estimates (docs/benchmarks/acceptance-2026-12-06b.log);
+- that step draws 8 states per wording; 56 more per wording are read at each redraw without a gradient step
+  (``fresh_samples``): on 8 the spread between successive reads was 40 % and one bad read knocked λ down by 0.08
+  ("six" at 150 steps did not settle), on 64 it was 15 %, at ~6 % more job time; "seven" then passed and "nine"
+  left 6 % of 50 samples, 4.5 % of 200 (docs/benchmarks/acceptance-2026-12-06d.log).
 
 Data (FU), measured on 5 training images of "3": the constraint is the rise of the forget images' NELBO summed
 over the steps the sampler takes (from t = 925; with the last index it was ~1100 nats of which ~500 were that one
@@ -87,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     # "target": at p_λ's closed form; see above)
     "dual_estimate": "fresh",
     "fresh_steps": 1,
+    "fresh_samples": 56,  # + the refresh step's 8 draws per wording: the fresh estimate reads 64 states per wording
     "polish_fraction": 0.2,
     "rollouts": 4,
     "rollout_jumps": 50,
@@ -467,7 +472,7 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
         config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["batch"], keep_batch=d["keep_batch"],
                              dual_every=d["dual_every"], dual_lr=d["dual_lr"], dual_smoothing=0.5,
                              dual_estimate=d["dual_estimate"] if job.method in ("ru", "esd") else "network",
-                             fresh_steps=d["fresh_steps"],
+                             fresh_steps=d["fresh_steps"], fresh_samples=d["fresh_samples"],
                              polish_fraction=d["polish_fraction"],
                              rollouts=d["rollouts"], keep_rollouts=d["keep_rollouts"], rollout_jumps=d["rollout_jumps"],
                              refresh_every=d["refresh_every"], guidance=d["guidance"],
