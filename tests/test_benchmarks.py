@@ -2,6 +2,7 @@
 forgetting, on synthetic rows (the benchmark itself is a script: `python benchmarks/frontier.py --quick`)."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -76,3 +77,28 @@ def test_resume_keeps_the_finished_runs_of_the_same_options_and_reruns_nothing(t
                           "--tasks", "data"]) == 0
     out = capsys.readouterr().out
     assert "--resume:" not in out and json.loads(out.strip().splitlines()[-1])["runs_kept_by_resume"] == 0
+
+
+def test_dual_noise_counts_each_read_once_and_skips_the_polish_phase(tmp_path, capsys):
+    """benchmarks/dual_noise.py: a read that serves two dual updates counts once; frozen (polished) updates and steps
+    outside the window are left out; the spread is the sd of successive ratios."""
+    spec_dn = importlib.util.spec_from_file_location(
+        "dual_noise", Path(__file__).resolve().parents[1] / "benchmarks" / "dual_noise.py")
+    dn = importlib.util.module_from_spec(spec_dn)
+    spec_dn.loader.exec_module(dn)
+    hist = [{"step": 49, "lambda": [0.1], "estimate": [999.0]},  # before the window
+            {"step": 54, "lambda": [0.2], "estimate": [100.0]}, {"step": 59, "lambda": [0.3], "estimate": [100.0]},
+            {"step": 64, "lambda": [0.25], "estimate": [200.0]}, {"step": 69, "lambda": [0.2], "estimate": [200.0]},
+            {"step": 74, "lambda": [0.2], "estimate": [100.0]},
+            {"step": 79, "lambda": [0.9], "estimate": [5.0], "polished": True}]
+    run = tmp_path / "r" / "seven"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"constraints": [{"name": "seven"}], "dual_history": hist}))
+    assert dn.reads(hist, 0, 54, 94) == [100.0, 200.0, 100.0]
+    assert dn.main([str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (r,) = out["rows"]
+    assert r["reads"] == 3 and r["spread"] == pytest.approx(0.75)  # ratios 2 and 0.5
+    assert r["largest_lambda_drop"] == pytest.approx(0.05)
+    with pytest.raises(SystemExit):
+        dn.main([str(tmp_path / "nothing")])

@@ -35,40 +35,6 @@ def run(base, problem, seed=0, **kw):
     return den, res, events
 
 
-def test_fresh_samples_add_unseen_states_to_the_fresh_estimate_weighted_by_count(base):
-    """fresh_samples: at each refresh the path KL is also read on that many more states of the new trajectories
-    (no gradient step); the fresh estimate is the count-weighted mean of those and the refresh step's own draws."""
-
-    class Spy(Trainer):
-        def _concept_loss(self, step, stats):
-            self.now = step
-            return super()._concept_loss(step, stats)
-
-        def _path_kl(self, buf, eps_a, eps_b, t, c):
-            v = super()._path_kl(buf, eps_a, eps_b, t, c)
-            self.seen.append((self.now, v, len(t), eps_a.requires_grad))
-            return v
-
-    torch.manual_seed(0)
-    cfg = TrainConfig(seed=0, **{**TINY, "steps": 24, "dual_every": 3, "refresh_every": 6, "dual_estimate": "fresh",
-                                 "fresh_samples": 5})
-    spy = Spy(toy_denoiser(base), concept_problem("ru", threshold=3.0), cfg)
-    spy.seen = []
-    res = spy.run()
-    extra = {s: v for s, v, n, grad in spy.seen if n == 5}
-    own = {s: v for s, v, n, _ in spy.seen if n == 64}
-    assert sorted(extra) == [0, 6, 12, 18] and sorted(own) == list(range(24))
-    assert not any(grad for s, v, n, grad in spy.seen if n == 5)  # read without autograd
-    duals = [h for h in res.history if "lambda" in h]
-    for h in duals:
-        r = h["step"] // 6 * 6
-        assert h["estimate"][0] == pytest.approx((5 * extra[r] + 64 * own[r]) / 69, rel=1e-12)
-    # the extra draws are not the step's own: the two reads differ once the adapter has moved (at step 0 both are 0)
-    assert all(extra[r] != own[r] for r in extra if r > 0)
-    with pytest.raises(ValueError, match="fresh_samples must be an integer >= 0"):
-        TrainConfig(fresh_samples=-1)
-
-
 @pytest.mark.parametrize("make", [lambda: concept_problem("ru"), lambda: concept_problem("lu"),
                                   lambda: concept_problem("lu-lik"), lambda: data_problem("fu"),
                                   lambda: data_problem("siss", fixed_weight=0.2)])
@@ -263,29 +229,32 @@ def test_dual_warmup_holds_lambda_then_updates_and_polish_records_are_marked(bas
         TrainConfig(dual_warmup=0.9, polish_fraction=0.2)
 
 
+class PathKLSpy(Trainer):
+    """Records (step, value, states read, whether autograd tracked the adapted ε) of every path-KL read."""
+
+    def _concept_loss(self, step, stats):
+        self.now = step
+        return super()._concept_loss(step, stats)
+
+    def _path_kl(self, buf, eps_a, eps_b, t, c):
+        v = super()._path_kl(buf, eps_a, eps_b, t, c)
+        self.seen.append((self.now, v, len(t), eps_a.requires_grad))
+        return v
+
+
 @pytest.mark.parametrize("fresh_steps", [1, 2])
 def test_fresh_dual_estimate_reads_only_states_the_adapter_has_not_trained_on(base, fresh_steps):
     """dual_estimate "fresh": λ steps on the mean path KL of the first ``fresh_steps`` steps after each refresh
     (draws from trajectories the adapter has not, or barely, been trained on); a window without a refresh reuses the
     latest such value."""
 
-    class Spy(Trainer):
-        def _concept_loss(self, step, stats):
-            self.now = step
-            return super()._concept_loss(step, stats)
-
-        def _path_kl(self, *a):
-            v = super()._path_kl(*a)
-            self.seen.append((self.now, v))
-            return v
-
     torch.manual_seed(0)
     cfg = TrainConfig(seed=0, **{**TINY, "steps": 24, "dual_every": 3, "refresh_every": 6, "dual_estimate": "fresh",
                                  "fresh_steps": fresh_steps})
-    spy = Spy(toy_denoiser(base), concept_problem("ru", threshold=3.0), cfg)
+    spy = PathKLSpy(toy_denoiser(base), concept_problem("ru", threshold=3.0), cfg)
     spy.seen = []
     res = spy.run()
-    per_step = dict(spy.seen)  # one wording, one constraint, no kept prompts: one value per step
+    per_step = {s: v for s, v, _n, _g in spy.seen}  # one wording, one constraint, no kept prompts: one value per step
     assert sorted(per_step) == list(range(24))
     duals = [h for h in res.history if "lambda" in h]
     assert len(duals) == 8
@@ -299,6 +268,29 @@ def test_fresh_dual_estimate_reads_only_states_the_adapter_has_not_trained_on(ba
     assert len({h["estimate"][0] for h in duals}) == 4  # four refreshes, each estimate used by two windows
     with pytest.raises(ValueError, match="fresh_steps must be an integer in"):
         TrainConfig(refresh_every=6, fresh_steps=7)
+
+
+def test_fresh_samples_add_unseen_states_to_the_fresh_estimate_weighted_by_count(base):
+    """fresh_samples: at each refresh the path KL is also read on that many more states of the new trajectories
+    (no gradient step); the fresh estimate is the count-weighted mean of those and the refresh step's own draws."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(seed=0, **{**TINY, "steps": 24, "dual_every": 3, "refresh_every": 6, "dual_estimate": "fresh",
+                                 "fresh_samples": 5})
+    spy = PathKLSpy(toy_denoiser(base), concept_problem("ru", threshold=3.0), cfg)
+    spy.seen = []
+    res = spy.run()
+    extra = {s: v for s, v, n, grad in spy.seen if n == 5}
+    own = {s: v for s, v, n, _ in spy.seen if n == 64}
+    assert sorted(extra) == [0, 6, 12, 18] and sorted(own) == list(range(24))
+    assert not any(grad for s, v, n, grad in spy.seen if n == 5)  # read without autograd
+    duals = [h for h in res.history if "lambda" in h]
+    for h in duals:
+        r = h["step"] // 6 * 6
+        assert h["estimate"][0] == pytest.approx((5 * extra[r] + 64 * own[r]) / 69, rel=1e-12)
+    # the extra draws are not the step's own: the two reads differ once the adapter has moved (at step 0 both are 0)
+    assert all(extra[r] != own[r] for r in extra if r > 0)
+    with pytest.raises(ValueError, match="fresh_samples must be an integer >= 0"):
+        TrainConfig(fresh_samples=-1)
 
 
 @pytest.mark.parametrize("make", [lambda: concept_problem("ru"), lambda: concept_problem("lu"),
