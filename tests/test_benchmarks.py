@@ -102,3 +102,36 @@ def test_dual_noise_counts_each_read_once_and_skips_the_polish_phase(tmp_path, c
     assert r["largest_lambda_drop"] == pytest.approx(0.05)
     with pytest.raises(SystemExit):
         dn.main([str(tmp_path / "nothing")])
+
+
+def test_acceptance_erased_rates_use_the_base_models_seeds_and_strip_the_lora(tmp_path):
+    """benchmarks/acceptance_cli.py judges each erased prompt on more samples than the rest (``--n-erased``): the
+    base model's samples of the same seeds go to the shared cache, the LoRA's samples are judged, and the weights
+    are the base model's again afterwards."""
+    import torch
+
+    from unlearn_core.demo import load_demo_model, load_judge
+    from unlearn_core.evaluate import prompt_suite
+    from unlearn_core.lora import LoraModule, save_lora
+
+    spec_acc = importlib.util.spec_from_file_location(
+        "acceptance_cli", Path(__file__).resolve().parents[1] / "benchmarks" / "acceptance_cli.py")
+    acc = importlib.util.module_from_spec(spec_acc)
+    spec_acc.loader.exec_module(acc)
+    torch.manual_seed(0)
+    model, judge = load_demo_model(), load_judge()
+    weights = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    layers = {n: m for n, m in model.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
+    items = prompt_suite([3, 7])["erased"]
+    rates = {}
+    for scale in (0.0, 3.0):  # B = 0: the LoRA changes nothing; a large random one wrecks the cross-attention
+        modules = {n: LoraModule(down=torch.randn(4, m.in_features), up=scale * torch.randn(m.out_features, 4),
+                                 alpha=4.0) for n, m in layers.items()}
+        path = save_lora(tmp_path / f"x{scale}.safetensors", modules, family="demo", dtype="fp32")
+        cache: dict = {}
+        rates[scale] = acc.erased_rates(model, judge, path, [3, 7], n=8, seed=5, base_cache=cache)
+        assert sorted(cache) == sorted((p, 8, 5) for p, _ in items)
+        base = [float((cache[(p, 8, 5)]["labels"] == k).float().mean()) for p, k in items]
+        assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in weights.items())
+    assert rates[0.0] == base and min(base) >= 0.75  # the base model draws its digits
+    assert rates[3.0] != base, (rates, base)

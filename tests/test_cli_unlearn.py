@@ -97,6 +97,8 @@ def test_existing_output_is_not_overwritten(run_dir, capsys):
     (["--concept", "three", "--set", "no_such_knob=1"], "KEY=VALUE"),
     (["--concept", "three", "--set", "steps=many"], "not a valid int"),
     (["--concept", "three", "--set", "dual_lr=-1"], ">= 0"),
+    (["--concept", "three", "--set", "lam_init=warm"], "lam_init: give 'closed' or a number in [0, 1)"),
+    (["--concept", "three", "--set", "lam_init=1.2"], "lam_init: give 'closed' or a number in [0, 1)"),
     (["--concept", "three", "--micro-batch", "-1"], "--micro-batch must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
@@ -195,8 +197,9 @@ def test_settled_ignores_the_frozen_polish_phase_and_flags_a_moving_lambda():
 
 def test_set_overrides_are_converted_to_the_defaults_types():
     before = dict(unlearn.DEFAULTS)
-    got = unlearn.parse_overrides(["dual_lr=0.07", "dual_every=7", "dual_estimate=target"])
-    assert got == {"dual_lr": 0.07, "dual_every": 7, "dual_estimate": "target"}
+    got = unlearn.parse_overrides(["dual_lr=0.07", "dual_every=7", "dual_estimate=target", "lam_init=0.25"])
+    assert got == {"dual_lr": 0.07, "dual_every": 7, "dual_estimate": "target", "lam_init": 0.25}
+    assert unlearn.parse_overrides(["lam_init=closed"]) == {"lam_init": "closed"}
     assert isinstance(got["dual_every"], int) and isinstance(got["dual_lr"], float)
     assert unlearn.DEFAULTS == before  # parsing alone changes nothing
 

@@ -58,3 +58,12 @@ def test_summarize_counts_rates_and_drops_in_points():
     assert m["paraphrase_leak_mean"] == pytest.approx(0.125) and m["paraphrase_leak_max"] == 0.25
     assert m["retention_drop_points"] == pytest.approx(12.5) and m["retention_worst_drop_points"] == pytest.approx(25)
     assert m["kid_retained"] > 0.1
+
+
+def test_rates_are_exact_shares_so_a_bar_met_exactly_is_not_exceeded():
+    """10 of 200 is 0.05 (a float32 mean reads 0.0500000007 and would fail a ≤ 5 % bar)."""
+    hits = [3] * 10 + [1] * 190
+    suite = _suite([hits], [hits, hits], [[1] * 200, [2] * 200])
+    m = summarize(suite, suite)
+    assert m["erased"][0]["rate_after"] == 0.05 and m["erased_rate_max"] <= 0.05
+    assert m["paraphrase_leak_max"] == 0.05

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from unlearn_core import ConceptSpec, DataSpec, Problem, TrainConfig, Trainer
+from unlearn_core.estimate import path_kl_terms
+from unlearn_core.targets import reverse_kl_target
 from unlearn_core.toy import ToyNet, toy_denoiser, toy_mixtures
 
 TINY = dict(steps=12, batch=64, dual_every=4, rollouts=16, refresh_every=4, estimate_samples=64, lr=1e-3)
@@ -227,6 +229,38 @@ def test_dual_warmup_holds_lambda_then_updates_and_polish_records_are_marked(bas
     assert not any(h.get("polished") for h in res.history if h["step"] < 16)
     with pytest.raises(ValueError, match="dual_warmup"):
         TrainConfig(dual_warmup=0.9, polish_fraction=0.2)
+
+
+def test_closed_form_initial_lambda_puts_the_target_on_the_threshold(base):
+    """lam_init="closed": λ0 = 1 − 1/√x for a threshold of x × the separation. On any anchor states the RU target
+    at λ0 is then exactly x times as far (in path KL) from the concept as the anchor's ε is."""
+    torch.manual_seed(0)
+    prob = Problem("ru", concepts=[ConceptSpec("q", "p0"), ConceptSpec("concept", "p0")], threshold=[2.25, 0.8],
+                   threshold_mode="multiple", lam_init="closed")
+    tr = Trainer(toy_denoiser(base), prob, TrainConfig(seed=0, **TINY))
+    tr.calibrate()
+    tr._make_constraints()
+    lam0 = [c.dual.value for c in tr.constraints]
+    assert lam0 == [pytest.approx(1 / 3), 0.0]  # x = 0.8 ≤ 1: λ = 0 already meets it
+    term = tr.terms[0]
+    states, ts, w = tr._rollout_many([term["anchor"]], [32], adapted=False)
+    t = ts[:-1].repeat_interleave(32)
+    x = states[0][:-1].reshape(-1, *states[0].shape[2:])
+    e0, eq = tr._frozen(x, t, [term["anchor"], term["concept"]])
+    c = w.repeat_interleave(32)
+    sep = float(path_kl_terms(e0, eq, c).sum())
+    at_target = float(path_kl_terms(reverse_kl_target(e0, eq, lam0[0]), eq, c).sum())
+    assert at_target == pytest.approx(2.25 * sep, rel=1e-5)
+    # a run starts there: the dual warm-up holds λ at λ0
+    _, res, _ = run(base, prob, steps=8, dual_every=2, dual_warmup=0.5, polish_fraction=0.0)
+    first = min((h for h in res.history if "lambda" in h), key=lambda h: h["step"])
+    expect = [min(max(lam + 0.05 * sl / sep, 0.0), prob.lam_hi)  # one dual step (TrainConfig's dual_lr) from λ0
+              for lam, sl, sep in zip(lam0, first["slack"], res.separation)]
+    assert first["step"] == 5 and first["lambda"] == pytest.approx(expect, rel=1e-9)
+    with pytest.raises(ValueError, match="'closed' is the reverse-KL target's"):
+        concept_problem("lu", lam_init="closed")
+    with pytest.raises(ValueError, match="a number or 'closed'"):
+        concept_problem("ru", lam_init="warm")
 
 
 class PathKLSpy(Trainer):

@@ -116,7 +116,8 @@ def sample_suite(model, judge, erased: Sequence[int], n: int, seed: int = 0, cac
 
 
 def _rates(s: dict) -> list[float]:
-    return [float((s["labels"][i] == k).float().mean()) for i, k in enumerate(s["digits"])]
+    # count / n in float64: a float32 mean reads 10 of 200 as 0.0500000007, over a 5 % bar
+    return [int((s["labels"][i] == k).sum()) / s["labels"][i].numel() for i, k in enumerate(s["digits"])]
 
 
 def summarize(before: dict, after: dict) -> dict:

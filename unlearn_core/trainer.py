@@ -92,7 +92,12 @@ class Problem:
     threshold_mode: str = "increase"
     fixed_weight: float | None = None  # ESD η, NegGrad w, SISS λ; or a frozen λ for the constrained methods
     lam_max: float | None = None
-    lam_init: float = 0.0
+    # λ at the start: a number, or "closed" (RU only): per constraint, the λ whose closed-form target meets the
+    # threshold on the calibration states. ε* = ε0 + η(ε0 − ε_q) is (1 + η) times as far from ε_q as ε0 is, so its
+    # path KL to q is (1 + η)² × the separation, and b = x × separation gives 1 + η = √x, λ = η/(1 + η) = 1 − 1/√x
+    # (0 for x ≤ 1). Exact for the target on the calibration states, not for the adapter on its own trajectories:
+    # on the demo this start did worse than 0 (see unlearn.py's docstring).
+    lam_init: float | str = 0.0
 
     def __post_init__(self) -> None:
         self.spec: MethodSpec = get_method(self.method)
@@ -129,7 +134,13 @@ class Problem:
         if not (0 < hi and math.isfinite(hi)):
             raise ValueError(f"λ bound must be a positive finite number, got {hi}")
         self.lam_hi = hi
-        if not (0 <= self.lam_init <= hi):
+        if isinstance(self.lam_init, str):
+            if self.lam_init != "closed":
+                raise ValueError(f"initial λ must be a number or 'closed', got {self.lam_init!r}")
+            if self.spec.objective != "reverse_kl":
+                raise ValueError(f"initial λ 'closed' is the reverse-KL target's; method {self.method!r} needs a "
+                                 f"number")
+        elif not (0 <= self.lam_init <= hi):
             raise ValueError(f"initial λ {self.lam_init} is outside [0, {hi}]")
         if self.spec.frozen and self.fixed_weight is None:
             raise ValueError(f"baseline {self.method!r} needs fixed_weight (ESD η, NegGrad weight, SISS λ)")
@@ -455,11 +466,14 @@ class Trainer:
 
     def _make_constraints(self) -> None:
         frozen = self.p.frozen_lambda()
-        lam0 = self.p.lam_init if frozen is None else frozen
         if frozen is not None and not (0 <= frozen <= self.p.lam_hi):
             raise ValueError(f"the fixed weight gives λ = {frozen:.4g}, outside [0, {self.p.lam_hi}]")
         self.constraints = []
         for i, b in enumerate(self.thresholds()):
+            lam0 = frozen if frozen is not None else self.p.lam_init
+            if lam0 == "closed":
+                x = b / self.separation[i] if self.separation[i] > 0 else 0.0
+                lam0 = min(1.0 - 1.0 / math.sqrt(x), self.p.lam_hi) if x > 1.0 else 0.0
             if self.spec.constraint == "path_kl" and self.p.threshold_mode != "raw":
                 scale = max(self.separation[i], 1e-8)
             else:
