@@ -40,7 +40,8 @@ Defaults (demo model) — each from a measurement, see ``benchmarks/acceptance_c
 - that step draws 8 states per wording; 56 more per wording are read at each redraw without a gradient step
   (``fresh_samples``): on 8 the spread between successive reads was 40 % and one bad read knocked λ down by 0.08
   ("six" at 150 steps did not settle), on 64 it was 15 %, at ~6 % more job time; "seven" then passed and "nine"
-  left 6 % of 50 samples, 4.5 % of 200 (docs/benchmarks/acceptance-2026-12-06d.log).
+  left 6 % of 50 samples (docs/benchmarks/acceptance-2026-12-06d.log), 3.5 % of 200 with the same seeds
+  (acceptance-2026-12-06e.log: the erased prompt is judged on 200 samples since).
 
 Data (FU), measured on 5 training images of "3": the constraint is the rise of the forget images' NELBO summed
 over the steps the sampler takes (from t = 925; with the last index it was ~1100 nats of which ~500 were that one
