@@ -99,6 +99,8 @@ def test_existing_output_is_not_overwritten(run_dir, capsys):
     (["--concept", "three", "--set", "dual_lr=-1"], ">= 0"),
     (["--concept", "three", "--set", "lam_init=warm"], "lam_init: give 'closed' or a number in [0, 1)"),
     (["--concept", "three", "--set", "lam_init=1.2"], "lam_init: give 'closed' or a number in [0, 1)"),
+    (["--concept", "three", "--method", "esd", "--weight", "1", "--set", "lam_init=0.3"], "fixed-weight baseline"),
+    (["--concept", "three", "--method", "lu", "--set", "lam_init=closed"], "RU's closed form"),
     (["--concept", "three", "--micro-batch", "-1"], "--micro-batch must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
@@ -314,3 +316,27 @@ def test_a_new_run_removes_temp_files_a_killed_writer_left_for_its_own_outputs(t
     with pytest.raises(Stop):
         unlearn.run_job(unlearn.job_from_args(args), quiet=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(kept)
+
+
+def test_set_lam_init_reaches_the_learned_lambda_of_each_method(tmp_path):
+    """``--set lam_init`` is where RU's, LU's and FU's λ starts (not a silent no-op); "closed" stays RU's."""
+    from PIL import Image
+
+    from unlearn_core.demo import load_demo_model
+
+    for d in ("f", "r"):
+        (tmp_path / d).mkdir()
+        Image.new("L", (16, 16)).save(tmp_path / d / "0.png")
+    model = load_demo_model()
+
+    def problem(*extra):
+        args = cli.build_parser().parse_args(["unlearn", "--out", str(tmp_path / "o"), *extra])
+        job, overrides = unlearn.prepare_job(args)
+        with unlearn.overridden_defaults(overrides):
+            return unlearn.build_problem(job, model)[0]
+
+    assert problem("--concept", "five").lam_init == 0.0
+    assert problem("--concept", "five", "--set", "lam_init=closed").lam_init == "closed"
+    assert problem("--concept", "five", "--method", "lu", "--set", "lam_init=0.2").lam_init == 0.2
+    data = ["--forget", str(tmp_path / "f"), "--retain", str(tmp_path / "r"), "--caption", "a handwritten digit three"]
+    assert problem(*data, "--set", "lam_init=0.1").lam_init == 0.1

@@ -91,8 +91,8 @@ DEFAULTS: dict[str, Any] = {
     "keep_rho": 0.05,
     "keep_weight": 0.25,
     "lam_max": 0.9,
-    # RU's starting λ: 0, or "closed" — where its closed-form target meets the threshold (1 − 1/√x for x × the
-    # separation; see trainer.Problem.lam_init). Measured worse on the demo (see above)
+    # where a learned λ (ru, lu, fu) starts: a number, or for RU "closed" — where its closed-form target meets the
+    # threshold (1 − 1/√x for x × the separation; see trainer.Problem.lam_init). Measured worse on the demo (above)
     "lam_init": 0.0,
     "dual_lr": 0.03,
     "dual_warmup": 0.2,
@@ -347,6 +347,12 @@ def job_from_args(args: argparse.Namespace) -> UnlearnJob:
             raise ValueError(f"--threshold must be a positive multiple of the separation, got {job.threshold}")
     if method in ("esd", "neggrad", "siss") and job.weight is None:
         raise ValueError(f"--method {method} is a fixed-weight baseline: give --weight (ESD η, NegGrad w, SISS λ)")
+    lam_init = DEFAULTS["lam_init"]
+    if method in ("esd", "neggrad", "siss") and lam_init != 0.0:
+        raise ValueError(f"--set lam_init: --method {method} is a fixed-weight baseline (its λ comes from --weight); "
+                         "lam_init sets where a learned λ starts (ru, lu, fu)")
+    if lam_init == "closed" and method != "ru":
+        raise ValueError(f"--set lam_init=closed is RU's closed form; give a number for --method {method}")
     if not data:
         for raw in concepts_raw:
             wordings = [w.strip() for w in raw.split("|")]
@@ -491,7 +497,7 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
                           keep=job.keep, keep_rho=d["keep_rho"], threshold=job.threshold,
                           threshold_mode=job.threshold_mode, fixed_weight=job.weight,
                           lam_max=d["lam_max"] if job.method in ("ru", "esd") else None,
-                          lam_init=_lam_init(d["lam_init"]) if job.method == "ru" else 0.0)
+                          lam_init=_lam_init(d["lam_init"]) if job.method != "esd" else 0.0)
         config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["batch"], keep_batch=d["keep_batch"],
                              dual_every=d["dual_every"], dual_lr=d["dual_lr"], dual_smoothing=0.5,
                              dual_estimate=d["dual_estimate"] if job.method in ("ru", "esd") else "network",
@@ -519,7 +525,8 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
         retain = (imgs.unsqueeze(1) * 2 - 1) if imgs.dim() == 3 else imgs * 2 - 1
     problem = Problem(job.method, data=DataSpec(forget=forget, retain=retain, cond=job.caption),
                       threshold=job.threshold, threshold_mode=job.threshold_mode, fixed_weight=job.weight,
-                      lam_max=d["fu_lam_max"] if job.method == "fu" else None)
+                      lam_max=d["fu_lam_max"] if job.method == "fu" else None,
+                      lam_init=_lam_init(d["lam_init"]) if job.method == "fu" else 0.0)
     config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["fu_batch"], dual_every=d["fu_dual_every"], dual_lr=d["dual_lr"],
                          dual_smoothing=0.5, estimate_samples=d["estimate_samples"],
                          polish_fraction=d["fu_polish_fraction"],
