@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from unlearn_core import cli  # noqa: E402
 from unlearn_core.demo import DIGIT_WORDS, load_demo_model, load_judge  # noqa: E402
-from unlearn_core.evaluate import compare, prompt_suite, sample_prompts  # noqa: E402
+from unlearn_core.evaluate import compare, prompt_suite, sample_prompts, share  # noqa: E402
 from unlearn_core.lora import apply_lora  # noqa: E402
 
 BARS = {"erased_max": 0.05, "paraphrase_mean": 0.15, "paraphrase_max": 0.25, "retention_drop_points": 5.0,
@@ -48,7 +48,7 @@ def erased_rates(model, judge, lora: Path, digits: list[int], n: int, seed: int,
     sample_prompts(model, judge, prompts, n, seed, base_cache)
     with apply_lora(model.unet, lora):
         after = sample_prompts(model, judge, prompts, n, seed)
-    return [int((after[p]["labels"] == k).sum()) / n for p, k in items]  # exact: 10 / 200 is 0.05, not above it
+    return [share(after[p]["labels"], k) for p, k in items]
 
 
 def run_case(digits: list[int], out: Path, n: int, seed: int, model, judge, base_cache: dict, extra: list[str],

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unlearn_core.demo.data import HELDOUT_TEMPLATES
-from unlearn_core.evaluate import demo_digit, erased_digits, kid, prompt_suite, summarize
+from unlearn_core.evaluate import demo_digit, erased_digits, kid, prompt_suite, share, summarize
 
 
 def test_kid_is_zero_in_expectation_for_one_distribution_and_grows_with_a_shift():
@@ -67,3 +67,4 @@ def test_rates_are_exact_shares_so_a_bar_met_exactly_is_not_exceeded():
     m = summarize(suite, suite)
     assert m["erased"][0]["rate_after"] == 0.05 and m["erased_rate_max"] <= 0.05
     assert m["paraphrase_leak_max"] == 0.05
+    assert share(torch.tensor(hits), 3) == 0.05 and share(torch.tensor(hits), 1) == 0.95  # the one helper for all

@@ -765,13 +765,9 @@ def _model_grids(job: UnlearnJob, model, lora) -> list[tuple[str, str]]:
     return out
 
 
-def _share(labels: torch.Tensor, k: int) -> float:
-    return int((labels == k).sum()) / labels.numel()  # exact count / n (a float32 mean rounds past a bar)
-
-
 def _data_eval(job: UnlearnJob, model, judge, lora) -> dict:
     """FU on the demo: samples of the forget images' class must stay recognisable."""
-    from .evaluate import demo_digit
+    from .evaluate import demo_digit, share
     from .lora import apply_lora
 
     k = demo_digit(job.caption) if job.caption else None
@@ -781,8 +777,8 @@ def _data_eval(job: UnlearnJob, model, judge, lora) -> dict:
     base = model.sample(job.caption, n=n, seed=job.seed)
     with apply_lora(model.unet, lora):
         after = model.sample(job.caption, n=n, seed=job.seed)
-    return {"prompt": job.caption, "digit": k, "acc_before": _share(judge.predict_digit(base), k),
-            "acc_after": _share(judge.predict_digit(after), k), "n": n}
+    return {"prompt": job.caption, "digit": k, "acc_before": share(judge.predict_digit(base), k),
+            "acc_after": share(judge.predict_digit(after), k), "n": n}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
