@@ -19,8 +19,9 @@ should not forget the class), the class's judge accuracy, retention on the other
 
 Prints a table per task, the verdicts at matched forgetting, and one JSON line last; writes plots (frontier per
 task, requested vs achieved) and results.json into --out. Settings shared by all methods and not the product's
-defaults, to fit the grid in the time budget: --concept-steps/--data-steps, rollouts of 25 jumps, 32 trajectories
-for the final constraint estimates, NELBO / log-ratio sums over every 25th timestep (unbiased; see estimate.nelbo).
+defaults, to fit the grid in the time budget: rollouts of 25 jumps, 32 trajectories for the final constraint
+estimates, NELBO / log-ratio sums over every 25th timestep (unbiased; see estimate.nelbo). The steps are the
+product's (120 for a concept, 150 for data on the demo; --concept-steps/--data-steps change them).
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ ERASED = 3
 FORGET_IMAGES = 5
 #: (task, method) → settings: threshold multiple (RU, LU), η (ESD), NELBO-rise fraction (FU), weight (NegGrad, SISS)
 GRID = {
-    ("concept", "ru"): [2.0, 3.5],
+    ("concept", "ru"): [2.0, 2.75, 3.5],  # 2.75: the product's default
     ("concept", "esd"): [0.5, 1.0, 2.0],
     ("concept", "lu"): [2.5],
-    # FU 0.025 was uninformative (λ stayed 0: fine-tuning on the retain samples alone overshot it); 0.25 aims at
-    # NegGrad 0.3's forgetting (FU reaches 0.73–0.80 of its request in 80 steps)
+    # FU 0.025 was uninformative (λ stayed 0: fine-tuning on the retain samples alone overshot it; at 0.05 two of
+    # three seeds still do); 0.25 aims at NegGrad 0.3's forgetting
     ("data", "fu"): [0.05, 0.1, 0.25],
     ("data", "neggrad"): [0.1, 0.3],
     ("data", "siss"): [0.2],
@@ -274,7 +275,7 @@ def plots(rows: list[dict], agg: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     files = []
-    colors = {"ru": "tab:blue", "lu": "tab:green", "esd": "tab:red", "fu": "tab:blue", "neggrad": "tab:red",
+    colors = {"ru": "tab:blue", "lu": "tab:green", "esd": "tab:red", "fu": "tab:purple", "neggrad": "tab:red",
               "siss": "tab:orange"}
     base = next((r for r in rows if "error" not in r), None)
     for task, panels in (("concept", [("retention", "retention (other digits)"),
@@ -343,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="processes (each one torch thread); 2 for 2 cores")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("-n", type=int, default=None, help="samples per prompt for the judge (default 12; quick: 6)")
-    p.add_argument("--concept-steps", type=int, default=None, help="default 80 (quick: 12)")
-    p.add_argument("--data-steps", type=int, default=None, help="default 80 (quick: 15)")
+    p.add_argument("--concept-steps", type=int, default=None,
+                   help="default: the product's (`unlearn`'s steps, 120; quick: 12)")
+    p.add_argument("--data-steps", type=int, default=None,
+                   help="default: the product's for a data job on the demo (fu_steps, 150; quick: 15)")
     p.add_argument("--tasks", default="concept,data")
     p.add_argument("--grid", default=None, metavar="SPEC",
                    help="run only these methods and settings, e.g. 'ru=1.5,2.5;esd=1' (default: the built-in grid)")
@@ -364,11 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         except (KeyError, ValueError):
             p.error(f"--grid {args.grid!r}: expected 'method=s1,s2;method=s3' with methods {', '.join(kinds)}")
     seeds = list(range(1 if args.quick else args.seeds))
-    opts = {"n": args.n or (6 if args.quick else 12), "eval_seed": 1000, "out": args.out,
-            "concept_steps": args.concept_steps or (12 if args.quick else 80),
-            "data_steps": args.data_steps or (15 if args.quick else 80),
-            "shared": QUICK_SHARED if args.quick else SHARED}
     from unlearn_core import unlearn
+
+    opts = {"n": args.n or (6 if args.quick else 12), "eval_seed": 1000, "out": args.out,
+            "concept_steps": args.concept_steps or (12 if args.quick else unlearn.DEFAULTS["steps"]),
+            "data_steps": args.data_steps or (15 if args.quick else unlearn.DEFAULTS["fu_steps"]),
+            "shared": QUICK_SHARED if args.quick else SHARED}
 
     try:
         opts["shared"] = {**opts["shared"], **unlearn.parse_overrides(args.set)}

@@ -59,7 +59,10 @@ def test_resume_keeps_the_finished_runs_of_the_same_options_and_reruns_nothing(t
     short by a kill is skipped), so a fully logged grid reruns nothing and still writes its summary and plots."""
     import json
 
-    opts = {"n": 12, "eval_seed": 1000, "concept_steps": 80, "data_steps": 80, "shared": frontier.SHARED}
+    from unlearn_core.unlearn import DEFAULTS
+
+    opts = {"n": 12, "eval_seed": 1000, "concept_steps": DEFAULTS["steps"], "data_steps": DEFAULTS["fu_steps"],
+            "shared": frontier.SHARED}
     base = {"retention_before": 1.0, "near_retention_before": 1.0, "erased_rate_before": 1.0, "near_digits": [8, 9],
             "lambda": 0.3, "train_seconds": 1.0}
     rows = [row("ru", 2.0, 0, 0.9, 0.95, **base, achieved_over_requested=1.02),
