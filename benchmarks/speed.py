@@ -254,19 +254,31 @@ def pair_counts(trainer) -> dict:
 
 
 def amortised(events: list[tuple[str, float]], start: float, refresh_every: int) -> dict:
-    """Ours' seconds per step from the trainer's (event, clock) stamps: a refresh step opens with the rollout
-    (ended by its "samples" event); s/step = mean step without it + mean rollout / refresh_every."""
-    rollouts, steps, prev = [], [], start
+    """Ours' seconds per step from the trainer's (event, clock) stamps. A refresh step opens with the rollout
+    (ended by its "samples" event) and then does more than a plain step (the fresh estimate's extra reads); both
+    are paid once per ``refresh_every`` steps: s/step = mean plain step + (mean rollout + the refresh step's excess
+    over a plain one) / refresh_every. Over whole refresh cycles that is the plain mean of all steps; over a
+    cycle's first two steps (SD1.5 times two) the plain mean would count the refresh step's extra reads 5 times."""
+    rollouts, after_refresh, plain, prev, refreshed = [], [], [], start, False
     for kind, clock in events:
-        if kind in ("samples", "step"):
-            (rollouts if kind == "samples" else steps).append(clock - prev)
-            prev = clock
+        if kind == "samples":
+            rollouts.append(clock - prev)
+            refreshed = True
+        elif kind == "step":
+            (after_refresh if refreshed else plain).append(clock - prev)
+            refreshed = False
+        else:
+            continue
+        prev = clock
+    steps = after_refresh + plain
     if not steps:
         return {"s_per_step": None, "steps_timed": 0}
-    rollout, step = sum(rollouts) / len(rollouts), sum(steps) / len(steps)
-    per_step = step + rollout / refresh_every
-    return {"s_per_step": per_step, "rollout_s": rollout, "step_without_rollout_s": step, "steps_timed": len(steps),
-            "trajectory_share": rollout / refresh_every / per_step}
+    rollout = sum(rollouts) / len(rollouts) if rollouts else 0.0
+    step = sum(plain) / len(plain) if plain else sum(steps) / len(steps)
+    extra = sum(after_refresh) / len(after_refresh) - step if after_refresh and plain else 0.0
+    per_step = step + (rollout + extra) / refresh_every
+    return {"s_per_step": per_step, "rollout_s": rollout, "step_without_rollout_s": step,
+            "refresh_extra_s": extra, "steps_timed": len(steps), "trajectory_share": rollout / refresh_every / per_step}
 
 
 def sd15_step_time(method: str, settings: dict, seed: int) -> dict:

@@ -138,3 +138,26 @@ def test_acceptance_erased_rates_use_the_base_models_seeds_and_strip_the_lora(tm
         assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in weights.items())
     assert rates[0.0] == base and min(base) >= 0.75  # the base model draws its digits
     assert rates[3.0] != base, (rates, base)
+
+
+def test_speed_amortises_the_refresh_steps_extra_work_over_the_refresh_interval():
+    """benchmarks/speed.py: a refresh step pays its rollout and its extra reads once per refresh_every steps. Over
+    two timed steps (a refresh and a plain one) the plain step, not their mean, is the per-step base; over whole
+    cycles it comes to the mean of all steps plus the rollout's share."""
+    spec_sp = importlib.util.spec_from_file_location("speed", Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py")
+    sp = importlib.util.module_from_spec(spec_sp)
+    spec_sp.loader.exec_module(sp)
+    # rollout 10 s, the refresh step 6 s after it (1 s of step + 5 s of extra reads), a plain step 1 s
+    two = [("calibration", 0.0), ("samples", 10.0), ("step", 16.0), ("step", 17.0)]
+    m = sp.amortised(two, 0.0, 10)
+    assert m["step_without_rollout_s"] == 1.0 and m["refresh_extra_s"] == 5.0 and m["rollout_s"] == 10.0
+    assert m["s_per_step"] == pytest.approx(1.0 + (10.0 + 5.0) / 10)  # not (6 + 1) / 2 + 10 / 10 = 4.5
+    cycle, clock = [], 0.0
+    for _ in range(2):  # two whole cycles of 10 steps
+        clock += 10.0
+        cycle.append(("samples", clock))
+        for k in range(10):
+            clock += 6.0 if k == 0 else 1.0
+            cycle.append(("step", clock))
+    m = sp.amortised(cycle, 0.0, 10)
+    assert m["steps_timed"] == 20 and m["s_per_step"] == pytest.approx((6.0 + 9 * 1.0) / 10 + 10.0 / 10)
