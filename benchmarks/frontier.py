@@ -47,7 +47,9 @@ FORGET_IMAGES = 5
 GRID = {
     ("concept", "ru"): [2.0, 2.75, 3.5],  # 2.75: the product's default
     ("concept", "esd"): [0.5, 1.0, 2.0],
-    ("concept", "lu"): [2.5],
+    # LU's multiple x asks for E[log-ratio] ≤ base − (x − 1) × the separation; at 2.5 seed 0 forgot 0.75, at 4.5
+    # 0.92 and at 5.5 1.00 (ESD's range)
+    ("concept", "lu"): [2.5, 4.5, 5.5],
     # FU 0.025 was uninformative (λ stayed 0: fine-tuning on the retain samples alone overshot it; at 0.05 two of
     # three seeds still do); 0.25 aims at NegGrad 0.3's forgetting
     ("data", "fu"): [0.05, 0.1, 0.25],

@@ -74,7 +74,7 @@ SETTINGS = {
     "full": {"demo_steps": 50, "sd_latent": 16, "sd_steps": 10, "sd_batch": 8, "esd_sd_pairs": 8, "ours_sd_steps": 2,
              "ours_sd_micro": 4, "ttt_n": 32, "retention_n": 16, "base_retention": True, "esd_every": 20, "ours_every": 10, "esd_cap_s": 400.0,
              "ours_cap_s": 600.0, "esd_batch_every": 5, "esd_batch_cap_s": 1500.0},
-    "quick": {"demo_steps": 50, "sd_latent": 8, "sd_steps": 4, "sd_batch": 8, "esd_sd_pairs": 2, "ours_sd_steps": 1,
+    "quick": {"demo_steps": 50, "sd_latent": 8, "sd_steps": 4, "sd_batch": 8, "esd_sd_pairs": 2, "ours_sd_steps": 2,
               "ours_sd_micro": 4, "ttt_n": 32, "retention_n": 8, "base_retention": False, "esd_every": 20, "ours_every": 10,
               "esd_cap_s": 150.0, "ours_cap_s": 105.0, "esd_batch_every": 2, "esd_batch_cap_s": 90.0},
 }
@@ -257,8 +257,9 @@ def amortised(events: list[tuple[str, float]], start: float, refresh_every: int)
     """Ours' seconds per step from the trainer's (event, clock) stamps. A refresh step opens with the rollout
     (ended by its "samples" event) and then does more than a plain step (the fresh estimate's extra reads); both
     are paid once per ``refresh_every`` steps: s/step = mean plain step + (mean rollout + the refresh step's excess
-    over a plain one) / refresh_every. Over whole refresh cycles that is the plain mean of all steps; over a
-    cycle's first two steps (SD1.5 times two) the plain mean would count the refresh step's extra reads 5 times."""
+    over a plain one) / refresh_every. Over whole refresh cycles that is the mean of all steps plus the rollout's
+    share; over a cycle's first two steps (SD1.5 times two) their plain mean would count the refresh step's extra
+    reads 5 times."""
     rollouts, after_refresh, plain, prev, refreshed = [], [], [], start, False
     for kind, clock in events:
         if kind == "samples":

@@ -489,3 +489,24 @@ def test_micro_batch_is_checked_and_does_not_block_a_resume(base):
     with pytest.raises(ValueError, match="micro_batch"):
         TrainConfig(**{**TINY, "micro_batch": 0})
     assert TrainConfig(**TINY, micro_batch=4).fingerprint() == TrainConfig(**TINY).fingerprint()
+
+
+@pytest.mark.parametrize("method", ["ru", "lu"])
+def test_a_concept_duals_step_is_scaled_by_the_separation_so_it_grows_with_the_request(base, method):
+    """RU's and LU's dual steps are lr × slack / separation. At the frozen model (λ = 0: the anchor's distribution)
+    the slack of x × the separation is (x − 1) × the separation for both, so asking for 3× instead of 2× doubles the
+    first step. (Scaled by the request's distance instead, LU's λ moved at most lr per update whatever it was
+    asked for, and stayed at 0.2–0.3 on the demo where 0.5–0.7 was needed.)"""
+    steps = []
+    for x in (2.0, 3.0):
+        tr = Trainer(toy_denoiser(base), concept_problem(method, threshold=x, threshold_mode="multiple"),
+                     TrainConfig(seed=0, **TINY))
+        tr.calibrate()
+        tr._make_constraints()
+        (c,) = tr.constraints
+        sep = abs(tr.separation[0])
+        assert c.dual.scale == pytest.approx(sep)
+        assert c.slack(tr.calibration[0]) == pytest.approx((x - 1.0) * sep, rel=1e-6)
+        steps.append(c.update(tr.calibration[0]))  # from λ = 0
+    assert steps == [pytest.approx(TINY.get("dual_lr", TrainConfig().dual_lr) * (x - 1.0), rel=1e-6)
+                     for x in (2.0, 3.0)]

@@ -30,7 +30,7 @@ import torch
 
 from .demo.data import DIGIT_WORDS, HELDOUT_TEMPLATES, MAIN_TEMPLATE, STYLES, caption
 
-__all__ = ["demo_digit", "kid", "prompt_suite", "sample_prompts", "sample_suite", "summarize", "compare",
+__all__ = ["demo_digit", "kid", "prompt_suite", "sample_prompts", "sample_suite", "share", "summarize", "compare",
            "add_subcommand"]
 
 log = logging.getLogger(__name__)

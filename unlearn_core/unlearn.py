@@ -825,9 +825,11 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--caption", default="", help="prompt the data is conditioned on (default \"\")")
     g = p.add_argument_group("training")
     g.add_argument("--threshold", type=float, default=None,
-                   help=f"concepts: the path KL to the concept as a multiple of the calibrated concept–anchor "
-                        f"separation (default {DEFAULTS['threshold']}); data: the rise of the forget images' NELBO "
-                        f"as a fraction of its base value (default {DEFAULTS['fu_threshold']})")
+                   help=f"concepts (RU): the path KL to the concept as a multiple of the calibrated concept–anchor "
+                        f"separation (default {DEFAULTS['threshold']}); LU: E[log-ratio] at most (x − 1) × the "
+                        f"separation below the anchor's (the same default asks LU for little: on the demo the "
+                        f"README's frontier runs LU at 2.5, 4.5 and 5.5); data: the rise of the forget images' "
+                        f"NELBO as a fraction of its base value (default {DEFAULTS['fu_threshold']})")
     g.add_argument("--threshold-raw", type=float, default=None, help="forget threshold in raw estimator units")
     g.add_argument("--weight", type=float, default=None, help="fixed weight for the baselines (ESD η, NegGrad w, SISS λ)")
     g.add_argument("--steps", type=int, default=None,
