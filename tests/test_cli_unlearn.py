@@ -340,3 +340,25 @@ def test_set_lam_init_reaches_the_learned_lambda_of_each_method(tmp_path):
     assert problem("--concept", "five", "--method", "lu", "--set", "lam_init=0.2").lam_init == 0.2
     data = ["--forget", str(tmp_path / "f"), "--retain", str(tmp_path / "r"), "--caption", "a handwritten digit three"]
     assert problem(*data, "--set", "lam_init=0.1").lam_init == 0.1
+
+
+def test_lu_has_a_threshold_and_an_elbo_stride_of_its_own(tmp_path):
+    """RU's multiple asks LU for little, and LU's log-ratio reads at every timestep are too slow on CPU: LU has its
+    own defaults, each still overridable."""
+    from unlearn_core.demo import load_demo_model
+
+    model = load_demo_model()
+
+    def build(*extra):
+        args = cli.build_parser().parse_args(["unlearn", "--out", str(tmp_path / "o"), "--concept", "five", *extra])
+        job, overrides = unlearn.prepare_job(args)
+        with unlearn.overridden_defaults(overrides):
+            return job, unlearn.build_problem(job, model)[1]
+
+    job, config = build("--method", "lu")
+    assert (job.threshold, config.elbo_stride) == (unlearn.DEFAULTS["lu_threshold"], unlearn.DEFAULTS["lu_elbo_stride"])
+    assert unlearn.DEFAULTS["lu_threshold"] != unlearn.DEFAULTS["threshold"]
+    job, config = build("--method", "lu", "--threshold", "3", "--set", "lu_elbo_stride=5")
+    assert (job.threshold, config.elbo_stride) == (3.0, 5)
+    job, config = build()  # RU keeps the shared ones
+    assert (job.threshold, config.elbo_stride) == (unlearn.DEFAULTS["threshold"], unlearn.DEFAULTS["elbo_stride"])

@@ -111,6 +111,14 @@ DEFAULTS: dict[str, Any] = {
     "refresh_every": 10,
     "estimate_samples": 64,
     "elbo_stride": 1,  # NELBO / log-ratio sums visit every k-th timestep (×k): LU's dual steps get k× cheaper
+    # LU's own (``--method lu``): its multiple asks for E[log-ratio] ≤ base − (x − 1) × the separation, so RU's 2.75
+    # asks LU for little (2.5 forgot 0.72 of the frontier's samples, 5.5 0.92 — ESD η 0.5's forgetting — with the
+    # near digits kept at 1.00; docs/benchmarks/frontier-2026-12-07b.log). Every dual step reads the log-ratio of
+    # 16 states by a NELBO sum over the sampler's 925 timesteps under two prompts: at a stride of 1 a demo job (beside a CI
+    # run) had not finished calibrating after 13 minutes; the frontier measured LU at 25 (unbiased: estimate.nelbo).
+    # With both: "three" erased to 0.04 of 50 samples, 0.79 of the request, λ not settled (lu-default-2026-12-07.txt)
+    "lu_threshold": 5.5,
+    "lu_elbo_stride": 25,
     # On the demo a digit concept is trained under these of the model's six caption templates (indices into
     # demo.data.TRAIN_TEMPLATES; the held-out ones stay unseen): main, "the number 3", "three", "a three". With
     # "a digit 3" in place of "a three" (0,1,2,4) "five" leaked 32–40 % on "a picture of a five" (see README)
@@ -342,7 +350,7 @@ def job_from_args(args: argparse.Namespace) -> UnlearnJob:
         job.threshold, job.threshold_mode = float(args.threshold_raw), "raw"
     else:
         job.threshold = float(args.threshold if args.threshold is not None else
-                              DEFAULTS["threshold" if not data else "fu_threshold"])
+                              DEFAULTS["fu_threshold" if data else "lu_threshold" if method == "lu" else "threshold"])
         if not (math.isfinite(job.threshold) and job.threshold > 0):
             raise ValueError(f"--threshold must be a positive multiple of the separation, got {job.threshold}")
     if method in ("esd", "neggrad", "siss") and job.weight is None:
@@ -507,7 +515,7 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
                              refresh_every=d["refresh_every"], guidance=d["guidance"],
                              estimate_samples=d["estimate_samples"], seed=job.seed, keep_weight=d["keep_weight"],
                              rollout_t_max=sampler_start(model), dual_warmup=d["dual_warmup"],
-                             elbo_stride=d["elbo_stride"])
+                             elbo_stride=d["lu_elbo_stride"] if job.method == "lu" else d["elbo_stride"])
         return problem, config
     files = job._forget_files  # type: ignore[attr-defined]
     # a latent model reads images at sample_size × vae_scale_factor pixels and VAE-encodes them; the demo: pixels
@@ -827,9 +835,8 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=None,
                    help=f"concepts (RU): the path KL to the concept as a multiple of the calibrated concept–anchor "
                         f"separation (default {DEFAULTS['threshold']}); LU: E[log-ratio] at most (x − 1) × the "
-                        f"separation below the anchor's (the same default asks LU for little: on the demo the "
-                        f"README's frontier runs LU at 2.5, 4.5 and 5.5); data: the rise of the forget images' "
-                        f"NELBO as a fraction of its base value (default {DEFAULTS['fu_threshold']})")
+                        f"separation below the anchor's (default {DEFAULTS['lu_threshold']}); data: the rise of the "
+                        f"forget images' NELBO as a fraction of its base value (default {DEFAULTS['fu_threshold']})")
     g.add_argument("--threshold-raw", type=float, default=None, help="forget threshold in raw estimator units")
     g.add_argument("--weight", type=float, default=None, help="fixed weight for the baselines (ESD η, NegGrad w, SISS λ)")
     g.add_argument("--steps", type=int, default=None,
