@@ -50,9 +50,10 @@ GRID = {
     # LU's multiple x asks for E[log-ratio] ≤ base − (x − 1) × the separation; at 2.5 seed 0 forgot 0.75, at 4.5
     # 0.92 and at 5.5 1.00 (ESD's range)
     ("concept", "lu"): [2.5, 4.5, 5.5],
-    # FU 0.025 was uninformative (λ stayed 0: fine-tuning on the retain samples alone overshot it; at 0.05 two of
-    # three seeds still do); 0.25 aims at NegGrad 0.3's forgetting
-    ("data", "fu"): [0.05, 0.1, 0.25],
+    # fractions of the forget images' NELBO, read since 2026-12-07 with an offset per sample (2–3× the earlier
+    # one-offset reads, so 0.05 now asks what about 0.1–0.15 asked before): 0.025 sits at NegGrad 0.1's forgetting;
+    # at 0.25 two of three seeds ran away (2.5–3.1× the request, as NegGrad 0.3's third seed)
+    ("data", "fu"): [0.025, 0.05, 0.1, 0.25],
     ("data", "neggrad"): [0.1, 0.3],
     ("data", "siss"): [0.2],
 }

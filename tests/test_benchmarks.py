@@ -161,3 +161,26 @@ def test_speed_amortises_the_refresh_steps_extra_work_over_the_refresh_interval(
             cycle.append(("step", clock))
     m = sp.amortised(cycle, 0.0, 10)
     assert m["steps_timed"] == 20 and m["s_per_step"] == pytest.approx((6.0 + 9 * 1.0) / 10 + 10.0 / 10)
+
+
+def test_stride_noise_reads_the_spread_of_one_offset_for_the_batch_against_one_per_sample():
+    """benchmarks/stride_noise.py, on synthetic per-timestep terms: one large term at t = 0 (as the ELBO weight c_0)
+    makes a one-offset batch mean heavy-tailed — short of the mean for all offsets but one — while a dense head
+    that covers t = 0 leaves almost none (the other terms are equal)."""
+    import torch
+
+    spec_sn = importlib.util.spec_from_file_location(
+        "stride_noise", Path(__file__).resolve().parents[1] / "benchmarks" / "stride_noise.py")
+    sn = importlib.util.module_from_spec(spec_sn)
+    spec_sn.loader.exec_module(sn)
+    R = torch.full((100, 4), 0.1, dtype=torch.float64)
+    R[0] = 10.0
+    res = sn.spread(R, 10)
+    assert res["exact_mean"] == pytest.approx(10.0 + 99 * 0.1)
+    assert res["one_offset_share_below_mean"] == pytest.approx(0.9)  # 9 of 10 offsets miss t = 0
+    assert res["one_offset_median"] == pytest.approx(10 * 10 * 0.1)  # a missing offset: 10 visits × 0.1 × 10
+    assert res["batch_sd_one_offset"] == pytest.approx(29.7)  # 109 once in 10, else 10, around a mean of 19.9
+    heads = {h["head"]: h for h in res["heads"]}
+    assert heads[0]["sd_per_sample"] == pytest.approx(29.7)
+    # a head of 2 covers t = 0: what is left is the tail's uneven count (98 timesteps: 10 or 9 visits of 0.1 × 10)
+    assert heads[2]["sd_per_sample"] == pytest.approx(0.4) and res["batch_sd_per_sample"] == pytest.approx(0.2)

@@ -191,8 +191,9 @@ class TrainConfig:
     kl_t_min: int = 0
     estimate_samples: int = 256  # samples for LU's E[r] and the final estimates
     estimate_draws: int = 1
-    # NELBO / log-ratio sums (FU's forget set, LU's E[r]) visit every elbo_stride-th timestep (random offset,
-    # weighted ×stride): unbiased and stride× cheaper; LU estimates E[r] at every dual step, so it pays most
+    # NELBO / log-ratio sums (FU's forget set, LU's E[r]) visit the elbo_stride // 5 smallest timesteps and every
+    # elbo_stride-th one above them (an offset per sample, weighted ×stride): unbiased and about stride× cheaper
+    # (estimate.nelbo); LU estimates E[r] at every dual step, so it pays most
     elbo_stride: int = 1
     grad_clip: float = 10.0
     seed: int = 0
