@@ -398,6 +398,29 @@ def test_nelbo_with_a_timestep_stride_is_unbiased_and_shares_noise_across_calls(
         nelbo(den, x0, cond, adapted=False, t_stride=0)
 
 
+def test_fus_base_read_takes_more_draws_at_a_timestep_stride(base):
+    """Every FU request is a fraction of the forget set's base NELBO: at a stride that one read takes up to 8 draws
+    (one draw of a strided sum spread 8 % over seeds on the demo), at stride 1 it keeps estimate_draws."""
+    visits = {}
+    for stride in (1, 10, 40):
+        den = toy_denoiser(base)
+        count = [0]
+        predict = den.predict
+
+        def counting(x_t, t, cond, adapted=True, _p=predict, _c=count):
+            _c[0] += x_t.shape[0]
+            return _p(x_t, t, cond, adapted)
+
+        den.predict = counting
+        tr = Trainer(den, data_problem(), TrainConfig(**{**TINY, "elbo_stride": stride}))
+        tr.calibrate()
+        visits[stride] = count[0] / 128  # per forget sample
+    n_t = toy_denoiser(base).schedule.num_steps
+    assert visits[1] == n_t  # one draw over every timestep
+    for stride in (10, 40):  # min(stride, 8) draws of the head and, on average, the rest / stride
+        assert visits[stride] == pytest.approx(8 * (stride // 5 + (n_t - stride // 5) / stride), rel=0.03)
+
+
 class _Revealing:
     """A stand-in denoiser that, at x0 = 0, returns the drawn noise plus ``bump(t)``: each visit of t adds exactly
     c_t × weight × dim × bump(t)² to a sample's NELBO, so the timesteps a sample visited can be read off its sum."""
