@@ -47,12 +47,12 @@ FORGET_IMAGES = 5
 GRID = {
     ("concept", "ru"): [2.0, 2.75, 3.5],  # 2.75: the product's default
     ("concept", "esd"): [0.5, 1.0, 2.0],
-    # LU's multiple x asks for E[log-ratio] ≤ base − (x − 1) × the separation; at 2.5 seed 0 forgot 0.75, at 4.5
-    # 0.92 and at 5.5 1.00 (ESD's range)
+    # LU's multiple x asks for E[log-ratio] ≤ base − (x − 1) × the separation; over three seeds 2.5 forgot 0.72,
+    # 4.5 0.92 and 5.5 0.97 (ESD's range; frontier-2026-12-07c)
     ("concept", "lu"): [2.5, 4.5, 5.5],
-    # fractions of the forget images' NELBO, read since 2026-12-07 with an offset per sample (2–3× the earlier
-    # one-offset reads, so 0.05 now asks what about 0.1–0.15 asked before): 0.025 sits at NegGrad 0.1's forgetting;
-    # at 0.25 two of three seeds ran away (2.5–3.1× the request, as NegGrad 0.3's third seed)
+    # fractions of the forget images' NELBO, read since 2026-12-07 with an offset per sample (2.4–3.1× the earlier
+    # one-offset reads, so 0.05 now asks what about 0.12–0.15 asked before): 0.025 sits at NegGrad 0.1's
+    # forgetting; 0.25 is unstable (two seeds ran away, 2.6× and 3.8× the request, as NegGrad 0.3's third seed)
     ("data", "fu"): [0.025, 0.05, 0.1, 0.25],
     ("data", "neggrad"): [0.1, 0.3],
     ("data", "siss"): [0.2],

@@ -430,9 +430,9 @@ class Trainer:
             self.separation = self._per_constraint(per_term_sep)
         else:
             f = self.p.data.forget
-            # every FU request is a fraction of this one read: at a timestep stride it takes up to 8 draws (on the
-            # demo's five forget images at stride 25 its sd over seeds fell from 8 % to 3.7 %; stride 1 reads every
-            # timestep once per draw and keeps estimate_draws)
+            # every FU request is a fraction of this one read: at a timestep stride it takes up to 8 draws (the demo's
+            # five forget images at stride 25 read 473–584 nats over three seeds with one draw, 569–579 with eight:
+            # docs/benchmarks/frontier-2026-12-07c/d); stride 1 reads every timestep once per draw: estimate_draws
             draws = max(self.cfg.estimate_draws, min(self.cfg.elbo_stride, 8))
             base = nelbo(self.d, f, self.data_cond, adapted=False, draws=draws,
                          t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride,

@@ -110,7 +110,7 @@ DEFAULTS: dict[str, Any] = {
     "keep_rollouts": 1,
     "refresh_every": 10,
     "estimate_samples": 64,
-    "elbo_stride": 1,  # NELBO / log-ratio sums visit every k-th timestep (×k): LU's dual steps get k× cheaper
+    "elbo_stride": 1,  # NELBO / log-ratio sums visit about every k-th timestep (×k): LU's dual steps get ~k× cheaper
     # LU's own (``--method lu``): its multiple asks for E[log-ratio] ≤ base − (x − 1) × the separation, so RU's 2.75
     # asks LU for little (2.5 forgot 0.72 of the frontier's samples, 5.5 0.97 — ESD η 1's forgetting — with the
     # near digits kept at 1.00; docs/benchmarks/frontier-2026-12-07c.log). Every dual step reads the log-ratio of
