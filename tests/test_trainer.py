@@ -400,7 +400,8 @@ def test_nelbo_with_a_timestep_stride_is_unbiased_and_shares_noise_across_calls(
 
 def test_fus_base_read_takes_more_draws_at_a_timestep_stride(base):
     """Every FU request is a fraction of the forget set's base NELBO: at a stride that one read takes up to 8 draws
-    (one draw of a strided sum spread 8 % over seeds on the demo), at stride 1 it keeps estimate_draws."""
+    (on the demo one draw read 473–584 nats over three seeds, eight 569–579: docs/benchmarks/frontier-2026-12-07c/d),
+    at stride 1 it keeps estimate_draws."""
     visits = {}
     for stride in (1, 10, 40):
         den = toy_denoiser(base)
@@ -437,8 +438,8 @@ class _Revealing:
 def test_a_strided_nelbo_visits_the_smallest_timesteps_every_draw_and_draws_an_offset_per_sample(base):
     """The t_stride // 5 smallest timesteps (the largest weights) are visited by every sample at weight 1; above
     them each sample visits every t_stride-th timestep from its *own* offset. With one offset for the whole batch
-    a batch mean was one offset's heavy-tailed draw: LU's dual reads swung from −10 to −250 around −112 and its
-    final estimates fell short of the mean (on the demo: 25.2 against 32.0 nats over 12 reads)."""
+    a batch mean was one offset's heavy-tailed draw: on the demo 80 % of the offsets read LU's E[r] short of its
+    sum (benchmarks/stride_noise.py)."""
     from unlearn_core.estimate import all_jumps, nelbo
 
     sched = toy_denoiser(base).schedule

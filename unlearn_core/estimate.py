@@ -62,42 +62,35 @@ def nelbo(denoiser: Denoiser, x0: torch.Tensor, cond: Any, adapted: bool, draws:
     total = torch.zeros(n, dtype=torch.float64)
     if not (isinstance(t_stride, int) and t_stride >= 1):
         raise ValueError(f"t_stride must be an integer >= 1, got {t_stride!r}")
+    per = (batch_t or len(t_all)) * n  # samples per forward
     for _ in range(draws):
-        if t_stride > 1:
-            _strided_draw(denoiser, x0, cond, adapted, t_all, c_all, t_stride, generator, batch_t, total)
-            continue
-        t_d, c_d = t_all, c_all
-        for chunk in torch.split(torch.arange(len(t_d)), batch_t or len(t_d)):
-            tt = t_d[chunk].repeat_interleave(n)
-            xx = x0.repeat(len(chunk), *([1] * (x0.dim() - 1)))
-            noise = torch.randn(xx.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-            x_t = denoiser.schedule.add_noise(xx, tt, noise)
-            eps = denoiser.predict(x_t, tt, cond, adapted)
+        pos, who, weight = _visits(len(t_all), n, t_stride, generator)
+        weight = c_all[pos].double() * weight
+        for lo in range(0, len(pos), per):
+            p, w = pos[lo:lo + per], who[lo:lo + per]
+            xx = x0[w]
+            noise = torch.randn(xx.shape, generator=generator, dtype=x0.dtype).to(x0.device)  # CPU draws: any device
+            x_t = denoiser.schedule.add_noise(xx, t_all[p], noise)
+            eps = denoiser.predict(x_t, t_all[p], cond, adapted)
             err = (eps - noise).pow(2).flatten(1).sum(1).double().cpu()
-            total += (c_d[chunk].repeat_interleave(n) * err).reshape(len(chunk), n).sum(0)
+            total.index_add_(0, w, weight[lo:lo + per] * err)
     return total / draws
 
 
-def _strided_draw(denoiser: Denoiser, x0: torch.Tensor, cond: Any, adapted: bool, t_all: torch.Tensor,
-                  c_all: torch.Tensor, stride: int, generator: torch.Generator | None, batch_t: int | None,
-                  total: torch.Tensor) -> None:
-    """One draw of :func:`nelbo`'s strided sum, added into ``total``: the dense head, then per-sample offsets."""
-    n, head = x0.shape[0], min(stride // 5, len(t_all))
+def _visits(T: int, n: int, stride: int, generator: torch.Generator | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One draw of :func:`nelbo`'s visits, visit-major (a forward spans few timesteps): (timestep index, sample,
+    weight multiplier). Stride 1: every timestep for every sample. Otherwise the dense head (``stride // 5``
+    smallest timesteps, ×1), then every ``stride``-th timestep from a random offset per sample (×stride)."""
+    if stride == 1:  # draws nothing from the generator: the noise stays that of a plain stride-1 sum
+        return torch.arange(T).repeat_interleave(n), torch.arange(n).repeat(T), torch.ones(T * n, dtype=torch.float64)
+    head = min(stride // 5, T)
     offs = torch.randint(stride, (n,), generator=generator)
-    idx = head + offs[None, :] + stride * torch.arange(-(-(len(t_all) - head) // stride))[:, None]  # visits × n
-    visit, sample = (idx < len(t_all)).nonzero(as_tuple=True)  # visit-major: a chunk spans few timesteps
+    idx = head + offs[None, :] + stride * torch.arange(-(-(T - head) // stride))[:, None]  # visits × n
+    visit, sample = (idx < T).nonzero(as_tuple=True)
     pos = torch.cat([torch.arange(head).repeat_interleave(n), idx[visit, sample]])
     who = torch.cat([torch.arange(n).repeat(head), sample])
-    weight = c_all[pos] * torch.where(pos < head, 1.0, float(stride))
-    per = (batch_t or len(pos)) * n
-    for lo in range(0, len(pos), per):
-        p, w = pos[lo:lo + per], who[lo:lo + per]
-        xx = x0[w]
-        noise = torch.randn(xx.shape, generator=generator, dtype=x0.dtype).to(x0.device)  # CPU draws: any device
-        x_t = denoiser.schedule.add_noise(xx, t_all[p], noise)
-        eps = denoiser.predict(x_t, t_all[p], cond, adapted)
-        err = (eps - noise).pow(2).flatten(1).sum(1).double().cpu()
-        total.index_add_(0, w, weight[lo:lo + per].double() * err)
+    return pos, who, torch.where(pos < head, 1.0, float(stride)).double()
 
 
 @torch.no_grad()
