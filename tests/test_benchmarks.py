@@ -184,3 +184,22 @@ def test_stride_noise_reads_the_spread_of_one_offset_for_the_batch_against_one_p
     assert heads[0]["sd_per_sample"] == pytest.approx(29.7)
     # a head of 2 covers t = 0: what is left is the tail's uneven count (98 timesteps: 10 or 9 visits of 0.1 × 10)
     assert heads[2]["sd_per_sample"] == pytest.approx(0.4) and res["batch_sd_per_sample"] == pytest.approx(0.2)
+
+
+def test_calibration_noise_reads_a_strides_spread_exactly_over_offsets():
+    """benchmarks/calibration_noise.py, on synthetic per-jump terms: six jumps of 1 but a first of 7, equal in every
+    trajectory, so the spread is the offsets' alone — none at stride 1, and at 2 / 3 the offsets that hold jump 0
+    read 18 / 24 against 6, around the true 12."""
+    import torch
+
+    spec_cn = importlib.util.spec_from_file_location(
+        "calibration_noise", Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_noise.py")
+    cn = importlib.util.module_from_spec(spec_cn)
+    spec_cn.loader.exec_module(cn)
+    terms = torch.ones(6, 4, dtype=torch.float64)
+    terms[0] = 7.0
+    rows = {r["stride"]: r for r in cn.stride_spread(terms, [1, 2, 3], trajectories=16)}
+    assert rows[1]["sd_per_trajectory"] == pytest.approx(0.0, abs=1e-12)
+    assert rows[2]["sd_per_trajectory"] == pytest.approx(6.0)  # 18 and 6
+    assert rows[3]["sd_per_trajectory"] == pytest.approx(72 ** 0.5)  # 24, 6, 6
+    assert rows[3]["rel_se"] == pytest.approx(72 ** 0.5 / 12 / 4) and rows[3]["jumps_read"] == 2

@@ -327,6 +327,28 @@ def test_fresh_samples_add_unseen_states_to_the_fresh_estimate_weighted_by_count
         TrainConfig(fresh_samples=-1)
 
 
+def test_fresh_samples_are_not_read_where_no_dual_step_uses_them_and_the_run_is_the_same(base):
+    """Inside the dual warm-up the extra fresh reads feed no dual step (their window closes before it ends): they
+    are skipped, their draws still taken, so the run is the one that read them (the same λ's, the same adapter)."""
+    cfg = TrainConfig(seed=0, **{**TINY, "steps": 24, "dual_every": 3, "refresh_every": 6, "dual_estimate": "fresh",
+                                 "fresh_samples": 5, "dual_warmup": 0.5, "polish_fraction": 0.0})  # warm-up: 12 steps
+    runs = []
+    for always in (False, True):
+        torch.manual_seed(0)
+        spy = PathKLSpy(toy_denoiser(base), concept_problem("ru", threshold=3.0), cfg)
+        if always:  # every refresh reads, as if its window closed after the warm-up
+            spy._fresh_extra = lambda stats, step, _f=spy._fresh_extra: _f(stats, cfg.steps)
+        spy.seen = []
+        runs.append((spy, spy.run()))
+    (skip, r1), (read, r2) = runs
+    assert sorted(s for s, _, n, _ in skip.seen if n == 5) == [12, 18]  # refreshes 0 and 6 close at 3 and 9
+    assert sorted(s for s, _, n, _ in read.seen if n == 5) == [0, 6, 12, 18]
+    assert [h.get("lambda") for h in r1.history] == [h.get("lambda") for h in r2.history]
+    assert any(h.get("lambda", [0])[0] > 0 for h in r1.history)
+    for k, v in skip.d.adapter_state().items():
+        torch.testing.assert_close(v, read.d.adapter_state()[k], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("make", [lambda: concept_problem("ru"), lambda: concept_problem("lu"),
                                   lambda: data_problem("fu")])
 def test_a_run_resumed_from_a_checkpoint_through_a_file_reproduces_the_uninterrupted_run(base, make, tmp_path):
@@ -576,3 +598,73 @@ def test_a_concept_duals_step_is_scaled_by_the_separation_so_it_grows_with_the_r
         steps.append(c.update(tr.calibration[0]))  # from λ = 0
     assert steps == [pytest.approx(TINY.get("dual_lr", TrainConfig().dual_lr) * (x - 1.0), rel=1e-6)
                      for x in (2.0, 3.0)]
+
+
+def test_a_guided_prompt_equal_to_the_unconditional_one_costs_one_forward_and_hands_back_its_eps(base):
+    """rollout_many: a guided prompt that equals ``uncond`` (the usual anchor, "") is its own guided ε, so its
+    trajectories pay one sample-forward per jump, not two, and follow exactly the unguided ones; ``with_eps`` hands
+    back each prompt's conditional ε at every state (what the calibration would otherwise forward again)."""
+    from unlearn_core.denoiser import rollout_many
+
+    den = toy_denoiser(base)
+    sizes = []
+    predict = den.predict
+    den.predict = lambda x, t, c, adapted=True: (sizes.append(x.shape[0]), predict(x, t, c, adapted))[1]
+    q, p0, uncond = den.encode(["q"]), den.encode(["p0"]), den.encode(["p0"])  # equal values, not one object
+    parts, ts, eps = rollout_many(den, [q, p0], [3, 4], 10, torch.Generator().manual_seed(3), guidance=2.0,
+                                  uncond=uncond, with_eps=True)
+    assert sum(sizes) == 10 * (3 + 7)  # per jump: q's conditional branch and everyone's unconditional one
+    sizes.clear()
+    (alone,), _ = rollout_many(den, [p0], [4], 10, torch.Generator().manual_seed(3), guidance=2.0, uncond=uncond)
+    (plain,), _ = rollout_many(den, [p0], [4], 10, torch.Generator().manual_seed(3))
+    assert sum(sizes) == 2 * 10 * 4
+    torch.testing.assert_close(alone, plain, rtol=0, atol=0)
+    assert [e.shape[:2] for e in eps] == [(10, 3), (10, 4)]
+    for states, e, c in zip(parts, eps, (q, p0)):
+        for j in (0, 4, 9):
+            t = torch.full((states.shape[1],), int(ts[j]))
+            torch.testing.assert_close(e[j], predict(states[j], t, c), rtol=1e-5, atol=1e-6)
+
+
+def test_the_separation_reads_the_anchor_eps_off_its_rollout_and_the_wordings_at_a_stride(base):
+    """Calibration: at stride 1 the separation is the anchor trajectories' mean path KL between the anchor's and the
+    wording's ε over every jump (computed here by plain forwards); at a stride it reads about 1/stride of the
+    wording forwards, unbiased (an offset per trajectory, ×stride)."""
+    prob = Problem("ru", concepts=[ConceptSpec("q", "p0")], threshold=1.0)
+
+    def calibrated(stride, samples=64):
+        den = toy_denoiser(base)
+        sizes = []
+        predict = den.predict
+        den.predict = lambda x, t, c, adapted=True: (sizes.append(x.shape[0]), predict(x, t, c, adapted))[1]
+        tr = Trainer(den, prob, TrainConfig(**{**TINY, "estimate_samples": samples, "calibration_stride": stride}))
+        tr.calibrate()
+        return tr, tr.separation[0], sum(sizes)
+
+    tr, sep, forwards = calibrated(1)
+    ref = Trainer(toy_denoiser(base), prob, TrainConfig(**TINY))  # the same seed: the same anchor trajectories
+    term = ref.terms[0]
+    (states,), ts, w = ref._rollout_many([term["anchor"]], [32], adapted=False)
+    J = len(ts) - 1
+    x, t, c = states[:-1].reshape(-1, *states.shape[2:]), ts[:-1].repeat_interleave(32), w.repeat_interleave(32)
+    e0, eq = ref._frozen(x, t, [term["anchor"], term["concept"]])
+    assert sep == pytest.approx(float(path_kl_terms(e0, eq, c).sum()) / 32, rel=1e-5)
+    assert forwards == 2 * J * 32  # the anchor's rollout, then the wording at every state
+    _, sep4, forwards4 = calibrated(4)
+    assert forwards4 - J * 32 == pytest.approx(J * 32 / 4, rel=0.1)
+    # unbiased: with 1024 trajectories the offsets' noise is ~1 %; the same trajectories as stride 1's
+    _, big1, _ = calibrated(1, samples=2048)
+    _, big4, _ = calibrated(4, samples=2048)
+    assert big4 == pytest.approx(big1, rel=0.03)
+    # a stride past the rollout's jumps reads one jump per trajectory, never none (2 jumps, stride 3: a zero
+    # separation a third of the time otherwise)
+    for seed in range(6):
+        den = toy_denoiser(base)
+        sizes = []
+        predict = den.predict
+        den.predict = lambda x, t, c, adapted=True, _p=predict, _s=sizes: (_s.append(x.shape[0]), _p(x, t, c, adapted))[1]
+        tr = Trainer(den, prob, TrainConfig(**{**TINY, "rollout_jumps": 2, "calibration_stride": 3, "seed": seed}))
+        tr.calibrate()
+        assert sum(sizes) == 2 * 32 + 32 and tr.separation[0] > 0
+    with pytest.raises(ValueError, match="calibration_stride"):
+        TrainConfig(calibration_stride=0)

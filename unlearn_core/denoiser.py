@@ -204,11 +204,15 @@ def rollout(denoiser: Denoiser, cond: Any, n: int, num_jumps: int, generator: to
 @torch.no_grad()
 def rollout_many(denoiser: Denoiser, conds: Sequence[Any], ns: Sequence[int], num_jumps: int,
                  generator: torch.Generator | None = None, adapted: bool = True, guidance: float = 1.0,
-                 uncond: Any = None, device: torch.device | str = "cpu",
-                 t_max: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                 uncond: Any = None, device: torch.device | str = "cpu", t_max: int | None = None,
+                 with_eps: bool = False) -> tuple:
     """:func:`rollout` for several prompts at once (``ns[i]`` trajectories at ``conds[i]``), every jump one batched
     forward over all of them (with the unconditional branch when guided). One prompt draws the same random
-    numbers as :func:`rollout`."""
+    numbers as :func:`rollout`. A guided prompt equal to ``uncond`` needs no second branch (its guided ε is its
+    own): its trajectories cost one sample-forward per jump, not two.
+
+    ``with_eps``: also return, per prompt, the *conditional* ε at every state but the last, shape ``(J, n, …)``:
+    the prompt's own ε there (before guidance), which a caller would otherwise pay another forward for."""
     if len(conds) != len(ns) or not conds:
         raise ValueError("rollout_many needs one trajectory count per conditioning")
     sched = denoiser.schedule
@@ -217,21 +221,42 @@ def rollout_many(denoiser: Denoiser, conds: Sequence[Any], ns: Sequence[int], nu
     x = torch.randn((total, *denoiser.sample_shape), generator=generator, device=device)
     states = [x]
     bounds = torch.tensor([0, *ns]).cumsum(0).tolist()
+    # guided prompts that are the unconditional one: e_c = e_u, read off the unconditional branch
+    own = [guidance != 1.0 and same_conditioning(c, uncond) for c in conds]
+    cond_eps = []
     for t, s in zip(ts[:-1].tolist(), ts[1:].tolist()):
         tt = torch.full((total,), t, dtype=torch.long, device=device)
         parts = [(x[a:b], tt[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         if guidance == 1.0:
-            eps = torch.cat(predict_groups(denoiser, [(xi, ti, c) for (xi, ti), c in zip(parts, conds)], adapted))
-        elif len(conds) == 1:
-            e_c, e_u = denoiser.predict_many(x, tt, [conds[0], uncond], adapted)
-            eps = e_u + guidance * (e_c - e_u)
+            eps = e_c = torch.cat(predict_groups(denoiser, [(xi, ti, c) for (xi, ti), c in zip(parts, conds)], adapted))
         else:
-            groups = [(xi, ti, c) for (xi, ti), c in zip(parts, conds)] + [(x, tt, uncond)]
-            out = predict_groups(denoiser, groups, adapted)
-            e_c, e_u = torch.cat(out[:-1]), out[-1]
+            groups = [(xi, ti, c) for (xi, ti), c, o in zip(parts, conds, own) if not o] + [(x, tt, uncond)]
+            out = (denoiser.predict_many(x, tt, [conds[0], uncond], adapted) if len(conds) == 1 and not own[0]
+                   else predict_groups(denoiser, groups, adapted))
+            e_u, conditional = out[-1], iter(out[:-1])
+            e_c = torch.cat([e_u[a:b] if o else next(conditional) for a, b, o in zip(bounds[:-1], bounds[1:], own)])
             eps = e_u + guidance * (e_c - e_u)
+        if with_eps:
+            cond_eps.append(e_c)
         noise = torch.randn(x.shape, generator=generator, device=device) if s >= 0 or sched.variance == "large" else None
         x = sched.reverse_step(x, tt, torch.full((total,), s, dtype=torch.long, device=device), eps, noise)
         states.append(x)
     stacked = torch.stack(states)
-    return [stacked[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])], ts
+    split = [stacked[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    if not with_eps:
+        return split, ts
+    eps_all = torch.stack(cond_eps)
+    return split, ts, [eps_all[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def same_conditioning(a: Any, b: Any) -> bool:
+    """Whether two conditionings are the same values (tensors, or tuples / lists / dicts of them, or ``None``)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same_conditioning(u, v) for u, v in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_conditioning(a[k], b[k]) for k in a)
+    return False

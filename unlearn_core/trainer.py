@@ -195,6 +195,11 @@ class TrainConfig:
     # elbo_stride-th one above them (an offset per sample, weighted ×stride): unbiased and about stride× cheaper
     # (estimate.nelbo); LU estimates E[r] at every dual step, so it pays most
     elbo_stride: int = 1
+    # The separation (calibration) reads each wording's ε at every calibration_stride-th jump of its anchor
+    # trajectories, from an offset per trajectory (×stride: unbiased). Its noise is mostly the trajectories': on the
+    # demo's 32, relative SE 5.0 % at 1, 5.1 % at 2, 5.5 % at 3, 6.8 % at 5 (benchmarks/calibration_noise.py), with
+    # 0.47 of stride 1's forwards at 3. 1 here (every jump); the CLI's demo defaults use 3
+    calibration_stride: int = 1
     grad_clip: float = 10.0
     seed: int = 0
     max_bad_steps: int = 20
@@ -220,7 +225,8 @@ class TrainConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "dual_every", "rollouts", "refresh_every", "estimate_samples", "elbo_stride"):
+        for name in ("steps", "batch", "dual_every", "rollouts", "refresh_every", "estimate_samples", "elbo_stride",
+                     "calibration_stride"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -355,11 +361,12 @@ class Trainer:
         for cb in self.callbacks:
             cb(event)
 
-    def _rollout_many(self, conds: list, ns: list[int], adapted: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Trajectories at several prompts from one batched rollout (every jump: one forward for all of them)."""
+    def _rollout_many(self, conds: list, ns: list[int], adapted: bool, with_eps: bool = False) -> tuple:
+        """Trajectories at several prompts from one batched rollout (every jump: one forward for all of them):
+        (states, timesteps, path-KL weights[, each prompt's own ε at every state but the last])."""
         jumps = self.cfg.rollout_jumps or self.d.schedule.num_steps
-        states, ts = rollout_many(self.d, conds, ns, jumps, self.gen, adapted=adapted, guidance=self.cfg.guidance,
-                                  uncond=self.null, t_max=self.cfg.rollout_t_max)
+        states, ts, *eps = rollout_many(self.d, conds, ns, jumps, self.gen, adapted=adapted, guidance=self.cfg.guidance,
+                                        uncond=self.null, t_max=self.cfg.rollout_t_max, with_eps=with_eps)
         weights = self.d.schedule.path_kl_weight(ts[:-1], ts[1:]).float()
         if not self._warned_dominance:
             self._warned_dominance = True
@@ -370,7 +377,7 @@ class Trainer:
                        "(TrainConfig.rollout_t_max)")
                 log.warning(msg)
                 self._emit({"type": "warning", "message": msg})
-        return states, ts, weights
+        return (states, ts, weights, *eps)
 
     def _path_kl(self, buf: _Buffer, eps_a: torch.Tensor, eps_b: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
         """n_jumps × mean over the jumps kept (t ≥ kl_t_min) of c‖Δε‖²: one trajectory's path KL."""
@@ -400,22 +407,27 @@ class Trainer:
             keys = list(dict.fromkeys(term["anchor_key"] for term in self.terms))
             firsts = [next(term for term in self.terms if term["anchor_key"] == k) for k in keys]
             n_cal = max(n // 2, self.cfg.rollouts)
-            anchor_states, ts, w = self._rollout_many([term["anchor"] for term in firsts], [n_cal] * len(keys),
-                                                      adapted=False)
-            for states, key in zip(anchor_states, keys):
+            # the anchor's own ε at every state comes with its rollout; the wordings' are read at every
+            # calibration_stride-th jump from an offset per trajectory (own generator: the training draws stay put)
+            anchor_states, ts, w, anchor_eps = self._rollout_many([term["anchor"] for term in firsts],
+                                                                  [n_cal] * len(keys), adapted=False, with_eps=True)
+            offsets = torch.Generator().manual_seed(self.cfg.seed + 7919)
+            for states, e_anchor, key in zip(anchor_states, anchor_eps, keys):
                 members = [term for term in self.terms if term["anchor_key"] == key]
-                buf = _Buffer()
-                buf.fill(states, ts, w)
+                J, m = e_anchor.shape[:2]
+                k = min(self.cfg.calibration_stride, J)  # every offset reads at least one jump of its trajectory
+                jump = torch.arange(J).unsqueeze(1).expand(J, m)
+                visit = (jump % k == torch.randint(k, (m,), generator=offsets)) & (ts[:-1] >= self.cfg.kl_t_min).unsqueeze(1)
+                on = visit.to(states.device)
+                x, e0, t = states[:-1][on], e_anchor[on], ts[:-1].unsqueeze(1).expand(J, m)[visit]
+                c = w.unsqueeze(1).expand(J, m)[visit] * k
                 seps = [0.0] * len(members)
-                for chunk in torch.split(torch.arange(len(buf.t)), self._chunk(1 + len(members))):
-                    x, t, c = buf.x[chunk], buf.t[chunk], buf.c[chunk]
-                    # the anchor's ε once, then every wording's
-                    outs = self._frozen(x, t, [members[0]["anchor"]] + [m["concept"] for m in members])
-                    keep = t >= self.cfg.kl_t_min
+                for chunk in torch.split(torch.arange(len(t)), self._chunk(len(members))):
+                    outs = self._frozen(x[chunk], t[chunk], [mem["concept"] for mem in members])
                     for j in range(len(members)):
-                        seps[j] += float(path_kl_terms(outs[0][keep], outs[j + 1][keep], c[keep]).sum())
-                for m, sep in zip(members, seps):
-                    m["calib"] = (sep / states.shape[1], buf.final)
+                        seps[j] += float(path_kl_terms(e0[chunk], outs[j], c[chunk]).sum())
+                for mem, sep in zip(members, seps):
+                    mem["calib"] = (sep / m, states[-1])
             for term in self.terms:
                 sep, final = term.pop("calib")
                 per_term_sep.append(sep)
@@ -515,7 +527,7 @@ class Trainer:
             self._emit({"type": "samples", "step": step, "name": self.terms[0]["name"],
                         "samples": self.terms[0]["buf"].final[:1].detach()})
             if cfg.fresh_samples and cfg.dual_estimate == "fresh" and self.spec.constraint == "path_kl":
-                self._fresh_extra(stats)
+                self._fresh_extra(stats, step)
         need_ref = self.spec.objective in ("likelihood_ratio", "likelihood")
         per_wording = max(cfg.batch // max(len(self.terms) // len(self.constraints), 1), 8)
         draws = [term["buf"].draw(per_wording, self.gen) for term in self.terms]
@@ -570,11 +582,15 @@ class Trainer:
                 self._path_kl(term["buf"], preds[len(self.terms) + j], frozen[base + j], t, c))
         return loss
 
-    def _fresh_extra(self, stats: dict) -> None:
+    def _fresh_extra(self, stats: dict, step: int) -> None:
         """dual_estimate "fresh": the path KL of each wording on ``fresh_samples`` more states of the trajectories
-        just drawn (no grad, before the adapter trains on any of them), into ``stats["fresh_est"]`` with its count."""
-        n = self.cfg.fresh_samples
+        just drawn (no grad, before the adapter trains on any of them), into ``stats["fresh_est"]`` with its count.
+        Not read where no dual step will use it (its window closes inside the warm-up); drawn all the same, so the
+        run's random stream, and so the run, is the same either way."""
+        n, cfg = self.cfg.fresh_samples, self.cfg
         draws = [term["buf"].draw(n, self.gen) for term in self.terms]
+        if (step // cfg.dual_every + 1) * cfg.dual_every <= int(round(cfg.dual_warmup * cfg.steps)):
+            return
         frozen = self._predict_micro([(x, t, term["concept"]) for term, (x, t, _) in zip(self.terms, draws)])
         adapted = self._predict_micro([(x, t, term["edit"]) for term, (x, t, _) in zip(self.terms, draws)],
                                       adapted=True)

@@ -110,6 +110,10 @@ DEFAULTS: dict[str, Any] = {
     "keep_rollouts": 1,
     "refresh_every": 10,
     "estimate_samples": 64,
+    # the separation read at every 3rd jump of the anchor's trajectories (an offset per trajectory): a third of the
+    # calibration's wording forwards (the demo job's calibration 25 s → 12 s) for relative noise 5.5 % instead of
+    # 5.0 % over its 32 trajectories (benchmarks/calibration_noise.py)
+    "calibration_stride": 3,
     "elbo_stride": 1,  # NELBO / log-ratio sums visit about every k-th timestep (×k): LU's dual steps get ~k× cheaper
     # LU's own (``--method lu``): its multiple asks for E[log-ratio] ≤ base − (x − 1) × the separation, so RU's 2.75
     # asks LU for little (2.5 forgot 0.72 of the frontier's samples, 5.5 0.97 — ESD η 1's forgetting — with the
@@ -516,6 +520,7 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
                              refresh_every=d["refresh_every"], guidance=d["guidance"],
                              estimate_samples=d["estimate_samples"], seed=job.seed, keep_weight=d["keep_weight"],
                              rollout_t_max=sampler_start(model), dual_warmup=d["dual_warmup"],
+                             calibration_stride=d["calibration_stride"],
                              elbo_stride=d["lu_elbo_stride"] if job.method == "lu" else d["elbo_stride"])
         return problem, config
     files = job._forget_files  # type: ignore[attr-defined]
