@@ -25,16 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def jump_terms(n: int, seed: int, threads: int):
-    """(terms [J × n]: each anchor trajectory's path-KL term at each jump, averaged over the wordings; the number of
-    wordings; the trajectories a job calibrates on) for ``unlearn --concept three``."""
-    import torch
-
-    torch.set_num_threads(threads)
+def demo_job(seed: int):
+    """(denoiser, problem, config) of ``unlearn --concept three`` on the demo model, built once for both reads."""
     from unlearn_core import cli, unlearn
     from unlearn_core.diffusers_denoiser import DiffusersDenoiser
-    from unlearn_core.estimate import path_kl_terms
-    from unlearn_core.trainer import Trainer
 
     args = cli.build_parser().parse_args(["unlearn", "--concept", "three", "--seed", str(seed),
                                           "--out", str(ROOT / "runs" / "unused")])
@@ -43,6 +37,17 @@ def jump_terms(n: int, seed: int, threads: int):
     with unlearn.overridden_defaults(overrides):
         problem, config = unlearn.build_problem(job, model)
     d = DiffusersDenoiser(model.unet, model.scheduler, encoder=model.encode, targets=job.targets, rank=job.rank)
+    return d, problem, config
+
+
+def jump_terms(d, problem, config, n: int):
+    """(terms [J × n]: each anchor trajectory's path-KL term at each jump, averaged over the wordings; the number of
+    wordings; the trajectories a job calibrates on)."""
+    import torch
+
+    from unlearn_core.estimate import path_kl_terms
+    from unlearn_core.trainer import Trainer
+
     tr = Trainer(d, problem, config)
     anchor, wordings = tr.terms[0]["anchor"], [term["concept"] for term in tr.terms]
     (states,), ts, w, (e_anchor,) = tr._rollout_many([anchor], [n], adapted=False, with_eps=True)
@@ -56,22 +61,13 @@ def jump_terms(n: int, seed: int, threads: int):
     return terms, len(wordings), max(config.estimate_samples // 2, config.rollouts)
 
 
-def time_calibrations(strides, seed: int) -> dict[int, dict]:
+def time_calibrations(d, problem, config, strides) -> dict[int, dict]:
     """The job's own ``Trainer.calibrate()`` at each stride, timed (one after another, same seed: the same
     trajectories, so the separations differ by the stride's draw alone)."""
     import dataclasses
 
-    from unlearn_core import cli, unlearn
-    from unlearn_core.diffusers_denoiser import DiffusersDenoiser
     from unlearn_core.trainer import Trainer
 
-    args = cli.build_parser().parse_args(["unlearn", "--concept", "three", "--seed", str(seed),
-                                          "--out", str(ROOT / "runs" / "unused")])
-    job, overrides = unlearn.prepare_job(args)
-    model, _judge = unlearn.load_model(job)
-    with unlearn.overridden_defaults(overrides):
-        problem, config = unlearn.build_problem(job, model)
-    d = DiffusersDenoiser(model.unet, model.scheduler, encoder=model.encode, targets=job.targets, rank=job.rank)
     out = {}
     for k in strides:  # calibrate() reads the frozen model only: one adapter serves every stride
         tr = Trainer(d, problem, dataclasses.replace(config, calibration_stride=k))
@@ -108,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     strides = [int(s) for s in args.strides.split(",")]
-    terms, n_wordings, m = jump_terms(args.n, args.seed, args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    job = demo_job(args.seed)
+    terms, n_wordings, m = jump_terms(*job, args.n)
     J, n = terms.shape
     rows = stride_spread(terms, strides, m)
-    timed = {} if args.no_timing else time_calibrations(strides, args.seed)
+    timed = {} if args.no_timing else time_calibrations(*job, strides)
     exact = terms.sum(0)
     print(f"calibration_noise.py: {n} anchor trajectories of the demo's RU job ('three', {n_wordings} wordings), "
           f"{J} jumps; separation {float(exact.mean()):.2f} (sd over trajectories {float(exact.std()):.2f}); the job "
