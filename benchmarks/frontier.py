@@ -175,11 +175,16 @@ def run_task(task: dict, opts: dict) -> dict:
     key = (problem.spec.constraint, seed)
     t0 = time.perf_counter()
     if key in w["calibration"]:
-        trainer.calibration, trainer.separation = w["calibration"][key]
+        # the calibration of this seed, read by an earlier run in this worker; a concept calibration draws its
+        # anchor trajectories from the trainer's generator, so its state after them comes back too: every run then
+        # trains as if it had calibrated itself, whichever runs its worker did before (without it, a run's draws
+        # depended on the order the two workers took the grid in)
+        trainer.calibration, trainer.separation, gen_state = w["calibration"][key]
+        trainer.gen.set_state(gen_state)
         calib_s = 0.0
     else:
         trainer.calibrate()
-        w["calibration"][key] = (trainer.calibration, trainer.separation)
+        w["calibration"][key] = (trainer.calibration, trainer.separation, trainer.gen.get_state())
         calib_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     res = trainer.run()

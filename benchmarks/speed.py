@@ -240,6 +240,10 @@ def ours_trainer(model, unet_kind: str, settings: dict, seed: int, callbacks=(),
         config = dataclasses.replace(config, batch=settings["sd_batch"], rollout_jumps=settings["sd_steps"],
                                      dual_warmup=0.0)
     config = dataclasses.replace(config, micro_batch=micro_batch)
+    # the LoRA's initial weights come from torch's global generator, whose state in a forked child is whatever the
+    # parent's imports left it at — not the same from one invocation to the next (the runs of 2026-12-07 c/d/e
+    # parted by step 10 for this); the CLI seeds it before building its denoiser, and so does this
+    torch.manual_seed(seed)
     denoiser = DiffusersDenoiser(model.unet, model.scheduler, encoder=model.encode, targets=job.targets, rank=job.rank)
     trainer = Trainer(denoiser, problem, config, callbacks=list(callbacks), should_stop=should_stop)
     # the final large-sample estimate is reporting, not training: not part of any time measured here

@@ -203,3 +203,78 @@ def test_calibration_noise_reads_a_strides_spread_exactly_over_offsets():
     assert rows[2]["sd_per_trajectory"] == pytest.approx(6.0)  # 18 and 6
     assert rows[3]["sd_per_trajectory"] == pytest.approx(72 ** 0.5)  # 24, 6, 6
     assert rows[3]["rel_se"] == pytest.approx(72 ** 0.5 / 12 / 4) and rows[3]["jumps_read"] == 2
+
+
+def _achieved_noise():
+    spec = importlib.util.spec_from_file_location(
+        "achieved_noise", Path(__file__).resolve().parents[1] / "benchmarks" / "achieved_noise.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_achieved_noise_tells_a_training_miss_from_a_noisy_read():
+    an = _achieved_noise()
+    assert an.verdict(1.02, 0.03) == "inside"  # 0.02 + 0.06 within 0.15
+    assert an.verdict(1.46, 0.05) == "miss"  # LU 2.5 seed 1 read four times at n = 128 (docs/benchmarks)
+    assert an.verdict(1.25, 0.15) == "unclear"  # FU's one read at stride 25 × 2 draws: ± 0.3
+    assert an.verdict(0.80, 0.01) == "miss"
+
+
+def test_achieved_noise_rereads_a_short_fu_run_and_refuses_bad_sizes(tmp_path, capsys):
+    an = _achieved_noise()
+    out = tmp_path / "an"
+    assert an.main(["--method", "fu", "--setting", "0.05", "--steps", "5", "--reads", "2", "--sizes", "25x2,25x4",
+                    "--set", "fu_retain_samples=16", "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [g["read"] for g in res["reads"]] == ["stride 25 × 2 draws", "stride 25 × 4 draws"]
+    for g in res["reads"]:
+        assert len(g["values"]) == 2 and g["values"][0] != g["values"][1]  # fresh noise per read
+        assert g["ratios"] == pytest.approx([v / res["threshold"] for v in g["values"]])
+    assert res["verdict"] in ("inside", "miss", "unclear") and res["trace"]
+    for bad in (["--sizes", "25"], ["--sizes", "0x2"], ["--reads", "1"]):
+        with pytest.raises(SystemExit):
+            an.main(["--method", "fu", "--setting", "0.05", "--out", str(out), *bad])
+    assert "--sizes" in capsys.readouterr().err
+
+
+def test_a_run_on_a_cached_calibration_trains_as_if_it_had_calibrated_itself(tmp_path):
+    """The frontier's workers read each seed's calibration once; a concept calibration draws its anchor trajectories
+    from the trainer's generator, so a run on the cached one gets that generator's state back: the same run, in a
+    worker that calibrated this seed before or not."""
+    import torch
+
+    frontier._W.clear()
+    frontier._forget_folder(tmp_path)
+    opts = {"n": 2, "eval_seed": 1000, "out": tmp_path, "concept_steps": 6, "data_steps": 2,
+            "shared": {"rollout_jumps": 4, "estimate_samples": 8, "elbo_stride": 25, "refresh_every": 3}}
+    task = {"task": "concept", "method": "ru", "setting": 2.0, "seed": 0}
+    torch.set_num_threads(1)
+    first = frontier.run_task(task, opts)  # calibrates, fills the cache
+    again = frontier.run_task(task, opts)  # on the cache
+    frontier._W.clear()
+    assert first["calibration_seconds"] > 0 and again["calibration_seconds"] == 0
+    for k in ("lambda", "achieved", "requested", "retention", "erased_rate"):
+        assert again[k] == first[k], k
+
+
+def test_speeds_trainer_starts_from_the_same_adapter_whatever_the_global_generator_was():
+    """The LoRA's initial weights come from torch's global generator; speed.py seeds it (as the CLI does) so that
+    two invocations train the same run — unseeded, its runs of one seed parted by step 10."""
+    import copy
+
+    import torch
+
+    spec_s = importlib.util.spec_from_file_location("speed", Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec_s)
+    spec_s.loader.exec_module(speed)
+    model, _, _, _ = speed.load("demo", speed.SETTINGS["quick"], 0)
+    states = []
+    for noise in (1, 2):
+        torch.manual_seed(1000 + noise)  # another state of the global generator, as another invocation leaves it
+        trainer = speed.ours_trainer(copy.deepcopy(model), "demo", speed.SETTINGS["quick"], seed=0)
+        states.append({k: v.clone() for k, v in trainer.d.adapter_state().items()})
+    assert states[0].keys() == states[1].keys() and states[0]
+    assert any(v.abs().sum() > 0 for v in states[0].values())  # a real initialisation, not all zeros
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k

@@ -111,8 +111,8 @@ DEFAULTS: dict[str, Any] = {
     "refresh_every": 10,
     "estimate_samples": 64,
     # the separation read at every 3rd jump of the anchor's trajectories (an offset per trajectory): a third of the
-    # calibration's wording forwards (the demo job's calibration 25 s → 12 s) for relative noise 5.5 % instead of
-    # 5.0 % over its 32 trajectories (benchmarks/calibration_noise.py)
+    # calibration's wording forwards (Trainer.calibrate on the demo job: 21.4 s → 9.4 s) for relative noise 5.5 %
+    # instead of 5.0 % over its 32 trajectories (benchmarks/calibration_noise.py)
     "calibration_stride": 3,
     "elbo_stride": 1,  # NELBO / log-ratio sums visit about every k-th timestep (×k): LU's dual steps get ~k× cheaper
     # LU's own (``--method lu``): its multiple asks for E[log-ratio] ≤ base − (x − 1) × the separation, so RU's 2.75
