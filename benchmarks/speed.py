@@ -241,8 +241,8 @@ def ours_trainer(model, unet_kind: str, settings: dict, seed: int, callbacks=(),
                                      dual_warmup=0.0)
     config = dataclasses.replace(config, micro_batch=micro_batch)
     # the LoRA's initial weights come from torch's global generator, whose state in a forked child is whatever the
-    # parent's imports left it at — not the same from one invocation to the next (the runs of 2026-12-07 c/d/e
-    # parted by step 10 for this); the CLI seeds it before building its denoiser, and so does this
+    # parent's imports left it at — not the same from one invocation to the next (speed-2026-12-07c and d, the
+    # same code and seed, parted by step 10 for this); the CLI seeds it before building its denoiser, and so does this
     torch.manual_seed(seed)
     denoiser = DiffusersDenoiser(model.unet, model.scheduler, encoder=model.encode, targets=job.targets, rank=job.rank)
     trainer = Trainer(denoiser, problem, config, callbacks=list(callbacks), should_stop=should_stop)
