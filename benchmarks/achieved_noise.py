@@ -33,32 +33,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def build(method: str, setting: float, seed: int, steps: int | None, shared: dict, out: Path):
-    """The frontier's trainer for one (method, setting, seed): (trainer, problem)."""
+    """The frontier's trainer for one (method, setting, seed), built by its own builder: (trainer, problem)."""
     import frontier
-    import torch
 
-    from unlearn_core import cli, unlearn
-    from unlearn_core.demo.data import DIGIT_WORDS, MAIN_TEMPLATE, caption
-    from unlearn_core.diffusers_denoiser import DiffusersDenoiser
-    from unlearn_core.trainer import Trainer
+    from unlearn_core import unlearn
 
     kind = "data" if method == "fu" else "concept"
-    model = frontier._state()["model"]
-    argv = ["unlearn", "--method", method, "--seed", str(seed), "--out", str(out / "unused")]
-    if kind == "concept":
-        argv += ["--concept", DIGIT_WORDS[frontier.ERASED], "--steps", str(steps or unlearn.DEFAULTS["steps"])]
-    else:
+    if kind == "data":
         frontier._forget_folder(out)
-        argv += ["--forget", str(out / "forget-images"), "--caption", caption(MAIN_TEMPLATE, frontier.ERASED),
-                 "--steps", str(steps or unlearn.DEFAULTS["fu_steps"])]
-    argv += ["--threshold", str(setting)]
-    with unlearn.overridden_defaults(shared):
-        job, overrides = unlearn.prepare_job(cli.build_parser().parse_args(argv))
-    torch.manual_seed(seed)
-    with unlearn.overridden_defaults({**overrides, **shared}):
-        problem, config = unlearn.build_problem(job, model)
-    d = DiffusersDenoiser(model.unet, model.scheduler, encoder=model.encode, targets=job.targets, rank=job.rank)
-    return Trainer(d, problem, config), problem
+    opts = {"out": out, "shared": shared, "concept_steps": steps or unlearn.DEFAULTS["steps"],
+            "data_steps": steps or unlearn.DEFAULTS["fu_steps"]}
+    trainer, problem, _ = frontier.build_trainer({"task": kind, "method": method, "setting": setting, "seed": seed}, opts)
+    return trainer, problem
 
 
 def ratio(tr, value: float) -> float:

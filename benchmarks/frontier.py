@@ -124,29 +124,25 @@ def _forget_folder(out: Path) -> Path:
     return out
 
 
-def run_task(task: dict, opts: dict) -> dict:
-    """Train one (task, method, setting, seed) with the product's job builder, then judge it."""
+def build_trainer(task: dict, opts: dict):
+    """The trainer of one (task, method, setting, seed), built with the product's job builder on a fresh copy of the
+    worker's base UNet: (trainer, problem, config). ``opts`` needs out (holding forget-images for data tasks),
+    concept_steps, data_steps and shared (DEFAULTS overrides)."""
     import torch
 
     from unlearn_core import cli, unlearn
     from unlearn_core.demo.data import DIGIT_WORDS, MAIN_TEMPLATE, caption
     from unlearn_core.diffusers_denoiser import DiffusersDenoiser
-    from unlearn_core.estimate import nelbo
-    from unlearn_core.evaluate import sample_suite, summarize
     from unlearn_core.trainer import Trainer
 
     w = _state()
-    model, judge = w["model"], w["judge"]
-    before = _base_suite(w, opts)
-    if w["near"] is None:
-        w["near"] = near_digits(model, judge, before)
+    model = w["model"]
     method, setting, seed = task["method"], task["setting"], task["seed"]
-    prompt = caption(MAIN_TEMPLATE, ERASED)
-    argv = ["unlearn", "--method", method, "--seed", str(seed), "--out", str(opts["out"] / "unused")]
+    argv = ["unlearn", "--method", method, "--seed", str(seed), "--out", str(Path(opts["out"]) / "unused")]
     if task["task"] == "concept":
         argv += ["--concept", DIGIT_WORDS[ERASED], "--steps", str(opts["concept_steps"])]
     else:
-        argv += ["--forget", str(Path(opts["out"]) / "forget-images"), "--caption", prompt,
+        argv += ["--forget", str(Path(opts["out"]) / "forget-images"), "--caption", caption(MAIN_TEMPLATE, ERASED),
                  "--steps", str(opts["data_steps"])]
     argv += (["--weight", str(setting)] + (["--no-default-keep"] if method == "esd" else [])
              if method in ("esd", "neggrad", "siss") else ["--threshold", str(setting)])
@@ -171,7 +167,27 @@ def run_task(task: dict, opts: dict) -> dict:
         else:
             problem, config = unlearn.build_problem(job, model)
     d = DiffusersDenoiser(model.unet, model.scheduler, encoder=model.encode, targets=job.targets, rank=job.rank)
-    trainer = Trainer(d, problem, config)
+    return Trainer(d, problem, config), problem, config
+
+
+def run_task(task: dict, opts: dict) -> dict:
+    """Train one (task, method, setting, seed) with the product's job builder, then judge it."""
+    import torch
+
+    from unlearn_core import unlearn
+    from unlearn_core.demo.data import MAIN_TEMPLATE, caption
+    from unlearn_core.estimate import nelbo
+    from unlearn_core.evaluate import sample_suite, summarize
+
+    w = _state()
+    model, judge = w["model"], w["judge"]
+    before = _base_suite(w, opts)
+    if w["near"] is None:
+        w["near"] = near_digits(model, judge, before)
+    method, seed = task["method"], task["seed"]
+    prompt = caption(MAIN_TEMPLATE, ERASED)
+    trainer, problem, config = build_trainer(task, opts)
+    d = trainer.d
     key = (problem.spec.constraint, seed)
     t0 = time.perf_counter()
     if key in w["calibration"]:
