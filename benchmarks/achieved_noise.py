@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
           f"threshold {thr:.2f} ({'E[r] ≤' if problem.spec.sense == 'upper' else '≥'}), calibration "
           f"{res.calibration[0]:.2f}, separation {res.separation[0]:.2f}, λ {res.lambdas[0]:.3f}")
     print(f"the run's own read: {res.final_estimates[0]:.2f} → achieved/requested {ratio(tr, res.final_estimates[0]):.3f}")
+    if tr.target_solve:  # LU's λ solved on its closed-form target before training (lu_lam_init "target")
+        print("λ solved on the closed-form target: " + ", ".join(f"λ {lams[0]:.3f} → E[r] {vals[0]:.2f}"
+                                                              for lams, vals in tr.target_solve["reads"])
+              + f" → start at λ {tr.target_solve['lambdas'][0]:.3f} ({tr.target_solve['seconds']:.0f} s)")
     trace = [(h["step"], h["estimate"][0], h["lambda"][0], bool(h.get("polished"))) for h in res.history if "estimate" in h]
     print("dual trace (step: estimate, λ; * = λ frozen for the polish):")
     for i in range(0, len(trace), 5):
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"method": args.method, "setting": args.setting, "seed": args.seed, "threshold": thr,
                       "calibration": res.calibration[0], "separation": res.separation[0], "lambda": res.lambdas[0],
                       "run_read": res.final_estimates[0], "verdict": verdict(best["mean"], best["sd"]), "run_ratio": ratio(tr, res.final_estimates[0]),
-                      "train_seconds": round(train_s, 1), "shared": shared, "reads": groups,
+                      "train_seconds": round(train_s, 1), "shared": shared, "reads": groups, "target_solve": tr.target_solve,
                       "trace": [{"step": s + 1, "estimate": e, "lambda": lam, "polished": pol} for s, e, lam, pol in trace]}))
     return 0
 

@@ -97,10 +97,14 @@ def test_existing_output_is_not_overwritten(run_dir, capsys):
     (["--concept", "three", "--set", "no_such_knob=1"], "KEY=VALUE"),
     (["--concept", "three", "--set", "steps=many"], "not a valid int"),
     (["--concept", "three", "--set", "dual_lr=-1"], ">= 0"),
-    (["--concept", "three", "--set", "lam_init=warm"], "lam_init: give 'closed' or a number in [0, 1)"),
-    (["--concept", "three", "--set", "lam_init=1.2"], "lam_init: give 'closed' or a number in [0, 1)"),
+    (["--concept", "three", "--set", "lam_init=warm"], "lam_init: give 'closed', 'target' or a number in [0, 1)"),
+    (["--concept", "three", "--set", "lam_init=1.2"], "lam_init: give 'closed', 'target' or a number in [0, 1)"),
     (["--concept", "three", "--method", "esd", "--weight", "1", "--set", "lam_init=0.3"], "fixed-weight baseline"),
     (["--concept", "three", "--method", "lu", "--set", "lam_init=closed"], "RU's closed form"),
+    (["--concept", "three", "--set", "lam_init=target"], "LU's closed-form target"),
+    (["--concept", "three", "--method", "lu", "--set", "lu_lam_init=closed"], "RU's closed form"),
+    (["--concept", "three", "--method", "lu", "--set", "dual_lr=0.01"], "has its own; use --set lu_dual_lr"),
+    (["--concept", "three", "--set", "lu_dual_lr=0.01"], "applies to --method lu only"),
     (["--concept", "three", "--micro-batch", "-1"], "--micro-batch must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
@@ -319,7 +323,8 @@ def test_a_new_run_removes_temp_files_a_killed_writer_left_for_its_own_outputs(t
 
 
 def test_set_lam_init_reaches_the_learned_lambda_of_each_method(tmp_path):
-    """``--set lam_init`` is where RU's, LU's and FU's λ starts (not a silent no-op); "closed" stays RU's."""
+    """``--set lam_init`` is where RU's and FU's λ starts, ``lu_lam_init`` LU's (not a silent no-op: ``lam_init``
+    with LU is an error naming LU's own); "closed" stays RU's, "target" LU's."""
     from PIL import Image
 
     from unlearn_core.demo import load_demo_model
@@ -337,7 +342,10 @@ def test_set_lam_init_reaches_the_learned_lambda_of_each_method(tmp_path):
 
     assert problem("--concept", "five").lam_init == 0.0
     assert problem("--concept", "five", "--set", "lam_init=closed").lam_init == "closed"
-    assert problem("--concept", "five", "--method", "lu", "--set", "lam_init=0.2").lam_init == 0.2
+    assert problem("--concept", "five", "--method", "lu", "--set", "lu_lam_init=0.2").lam_init == 0.2
+    assert problem("--concept", "five", "--method", "lu").lam_init == "target"
+    with pytest.raises(ValueError, match="use --set lu_lam_init"):
+        problem("--concept", "five", "--method", "lu", "--set", "lam_init=0.2")
     data = ["--forget", str(tmp_path / "f"), "--retain", str(tmp_path / "r"), "--caption", "a handwritten digit three"]
     assert problem(*data, "--set", "lam_init=0.1").lam_init == 0.1
 
@@ -353,12 +361,18 @@ def test_lu_has_a_threshold_and_an_elbo_stride_of_its_own(tmp_path):
         args = cli.build_parser().parse_args(["unlearn", "--out", str(tmp_path / "o"), "--concept", "five", *extra])
         job, overrides = unlearn.prepare_job(args)
         with unlearn.overridden_defaults(overrides):
-            return job, unlearn.build_problem(job, model)[1]
+            problem, config = unlearn.build_problem(job, model)
+            return job, config, problem
 
-    job, config = build("--method", "lu")
-    assert (job.threshold, config.elbo_stride) == (unlearn.DEFAULTS["lu_threshold"], unlearn.DEFAULTS["lu_elbo_stride"])
-    assert unlearn.DEFAULTS["lu_threshold"] != unlearn.DEFAULTS["threshold"]
-    job, config = build("--method", "lu", "--threshold", "3", "--set", "lu_elbo_stride=5")
-    assert (job.threshold, config.elbo_stride) == (3.0, 5)
-    job, config = build()  # RU keeps the shared ones
-    assert (job.threshold, config.elbo_stride) == (unlearn.DEFAULTS["threshold"], unlearn.DEFAULTS["elbo_stride"])
+    d = unlearn.DEFAULTS
+    job, config, problem = build("--method", "lu")
+    assert (job.threshold, config.elbo_stride) == (d["lu_threshold"], d["lu_elbo_stride"])
+    # its dual: λ solved on the closed-form target, held through a longer warm-up, then slow corrections
+    assert (problem.lam_init, config.dual_warmup, config.dual_lr) == ("target", d["lu_dual_warmup"], d["lu_dual_lr"])
+    assert d["lu_threshold"] != d["threshold"] and d["lu_dual_lr"] != d["dual_lr"]
+    job, config, problem = build("--method", "lu", "--threshold", "3", "--set", "lu_elbo_stride=5",
+                                 "--set", "lu_lam_init=0.2", "--set", "lu_dual_lr=0.03")
+    assert (job.threshold, config.elbo_stride, problem.lam_init, config.dual_lr) == (3.0, 5, 0.2, 0.03)
+    job, config, problem = build()  # RU keeps the shared ones
+    assert (job.threshold, config.elbo_stride) == (d["threshold"], d["elbo_stride"])
+    assert (problem.lam_init, config.dual_warmup, config.dual_lr) == (d["lam_init"], d["dual_warmup"], d["dual_lr"])

@@ -1,5 +1,6 @@
 """The one trainer loop: determinism, callbacks, cancel, the NaN guard, frozen baselines, and clear errors."""
 
+import dataclasses
 import math
 
 import pytest
@@ -259,7 +260,7 @@ def test_closed_form_initial_lambda_puts_the_target_on_the_threshold(base):
     assert first["step"] == 5 and first["lambda"] == pytest.approx(expect, rel=1e-9)
     with pytest.raises(ValueError, match="'closed' is the reverse-KL target's"):
         concept_problem("lu", lam_init="closed")
-    with pytest.raises(ValueError, match="a number or 'closed'"):
+    with pytest.raises(ValueError, match="a number, 'closed' or 'target'"):
         concept_problem("ru", lam_init="warm")
 
 
@@ -350,7 +351,7 @@ def test_fresh_samples_are_not_read_where_no_dual_step_uses_them_and_the_run_is_
 
 
 @pytest.mark.parametrize("make", [lambda: concept_problem("ru"), lambda: concept_problem("lu"),
-                                  lambda: data_problem("fu")])
+                                  lambda: concept_problem("lu", lam_init="target"), lambda: data_problem("fu")])
 def test_a_run_resumed_from_a_checkpoint_through_a_file_reproduces_the_uninterrupted_run(base, make, tmp_path):
     cfg = dict(TINY, steps=16, checkpoint_every=4, polish_fraction=0.25)
     d_full, r_full, _ = run(base, make(), **cfg)
@@ -370,8 +371,10 @@ def test_a_run_resumed_from_a_checkpoint_through_a_file_reproduces_the_uninterru
     torch.manual_seed(123)
     d2 = toy_denoiser(base)
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    r2 = Trainer(d2, make(), TrainConfig(seed=0, **cfg)).run(resume=state)
+    events2 = []
+    r2 = Trainer(d2, make(), TrainConfig(seed=0, **cfg), callbacks=[events2.append]).run(resume=state)
     assert r2.steps_done == 16 and not r2.cancelled
+    assert not any(e["type"] == "target_solve" for e in events2)  # LU's solved start comes with the checkpoint
     assert r2.lambdas == r_full.lambdas
     assert [h["step"] for h in r2.history] == list(range(16))
     for k, v in d_full.adapter_state().items():
@@ -668,3 +671,74 @@ def test_the_separation_reads_the_anchor_eps_off_its_rollout_and_the_wordings_at
         assert sum(sizes) == 2 * 32 + 32 and tr.separation[0] > 0
     with pytest.raises(ValueError, match="calibration_stride"):
         TrainConfig(calibration_stride=0)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_a_rollout_on_given_conditional_eps_is_the_plain_rollout_when_they_are_the_models_own(base, guidance):
+    """``rollout_many(cond_eps=…)`` steps with the ε it is handed (LU's target sampler hands it a closed-form
+    target); handed the model's own conditional ε, it draws the very same trajectories as the plain rollout."""
+    from unlearn_core.denoiser import rollout_many
+
+    den = toy_denoiser(base)
+    conds, null = [den.encode(["q"]), den.encode(["p0"])], den.encode([""])
+    seen = []
+
+    def own(parts, e_us):
+        seen.append(e_us is None)
+        if e_us is not None:
+            assert [e.shape[0] for e in e_us] == [x.shape[0] for x, _ in parts] == [5, 3]
+        return [den.predict(x, t, c, adapted=False) for (x, t), c in zip(parts, conds)]
+
+    kw = dict(adapted=False, guidance=guidance, uncond=null)
+    plain, ts = rollout_many(den, conds, [5, 3], 6, torch.Generator().manual_seed(1), **kw)
+    handed, ts2 = rollout_many(den, conds, [5, 3], 6, torch.Generator().manual_seed(1), cond_eps=own, **kw)
+    assert torch.equal(ts, ts2) and len(seen) == len(ts) - 1 and set(seen) == {guidance == 1.0}
+    for a, b in zip(plain, handed):
+        assert a.shape == b.shape == (len(ts), a.shape[1], 2)
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_lus_target_estimate_at_zero_reads_the_anchors_own_samples_and_falls_with_lambda(guidance):
+    """At λ = 0 LU's closed-form target is the anchor's distribution: ``target_estimate`` then reads E[log-ratio]
+    on exactly the anchor's rollout with the same noise; moving λ up tilts it away from the concept."""
+    from unlearn_core import toy
+    from unlearn_core.denoiser import rollout_many
+    from unlearn_core.estimate import log_ratio
+
+    den = toy_denoiser(toy.train_toy_base())
+    tr = Trainer(den, concept_problem("lu", threshold=5.0), TrainConfig(seed=0, **TINY, rollout_jumps=20,
+                                                                         guidance=guidance))
+    got = tr.target_estimate([0.0], 64, seed=5)
+    (states,), _ = rollout_many(den, [den.encode(["p0"])], [64], 20, torch.Generator().manual_seed(5), adapted=False,
+                                guidance=guidance, uncond=den.encode([""]))
+    want = float(log_ratio(den, states[-1], den.encode(["q"]), den.encode(["p0"]), adapted=False, seed=6).mean())
+    assert got == [pytest.approx(want, rel=1e-5)]
+    assert tr.target_estimate([0.5], 64, seed=5)[0] < want - 1.0
+
+
+def test_lu_solves_its_lambda_on_the_closed_form_target_where_the_toys_oracle_puts_it():
+    """lam_init="target": before training, LU's λ is solved where its closed-form target's own samples meet the
+    threshold — on the toy within 10 % of the oracle's λ* (the exact composed sampler, exact log densities; 1200
+    steps of primal–dual land within 20 %: tests/test_toy_oracle.py) — and the run starts its dual there."""
+    from unlearn_core import toy
+
+    base = toy.train_toy_base()
+    lam_star = toy.lambda_star("likelihood_ratio", 10.0)
+    torch.manual_seed(0)
+    events = []
+    cfg = dataclasses.replace(toy.toy_config("lu", 0, 4), dual_every=2, dual_warmup=0.5, polish_fraction=0.0)
+    tr = Trainer(toy_denoiser(base), concept_problem("lu", threshold=10.0, lam_init="target"), cfg,
+                 callbacks=[events.append])
+    res = tr.run()
+    solve = [e for e in events if e["type"] == "target_solve"]
+    lam0 = tr.target_solve["lambdas"][0]
+    assert len(solve) == 3 and solve[0]["lambdas"] == [0.0] and solve[1]["lambdas"] == [0.05]
+    assert lam0 == pytest.approx(lam_star, rel=0.1), (lam0, lam_star)
+    # read at the solved λ with the solve's own draws, the target meets the threshold within 5 % of the request
+    b, base_read = solve[0]["thresholds"][0], solve[0]["estimates"][0]
+    at = tr.target_estimate([lam0], tr.target_solve["samples_per_wording"], tr.target_solve["seed"])[0]
+    assert abs(at - b) < 0.05 * (base_read - b), (at, b, base_read)
+    first = next(h for h in res.history if "lambda" in h)  # held at λ0 through the warm-up, then one dual step
+    assert first["step"] == 3 and first["lambda"][0] == pytest.approx(
+        lam0 + cfg.dual_lr * first["slack"][0] / tr.constraints[0].dual.scale, rel=1e-9)

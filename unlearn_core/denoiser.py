@@ -205,14 +205,19 @@ def rollout(denoiser: Denoiser, cond: Any, n: int, num_jumps: int, generator: to
 def rollout_many(denoiser: Denoiser, conds: Sequence[Any], ns: Sequence[int], num_jumps: int,
                  generator: torch.Generator | None = None, adapted: bool = True, guidance: float = 1.0,
                  uncond: Any = None, device: torch.device | str = "cpu", t_max: int | None = None,
-                 with_eps: bool = False) -> tuple:
+                 with_eps: bool = False, cond_eps: Callable | None = None) -> tuple:
     """:func:`rollout` for several prompts at once (``ns[i]`` trajectories at ``conds[i]``), every jump one batched
     forward over all of them (with the unconditional branch when guided). One prompt draws the same random
     numbers as :func:`rollout`. A guided prompt equal to ``uncond`` needs no second branch (its guided ε is its
     own): its trajectories cost one sample-forward per jump, not two.
 
     ``with_eps``: also return, per prompt, the *conditional* ε at every state but the last, shape ``(J, n, …)``:
-    the prompt's own ε there (before guidance), which a caller would otherwise pay another forward for."""
+    the prompt's own ε there (before guidance), which a caller would otherwise pay another forward for.
+
+    ``cond_eps``: the prompts' conditional ε comes from ``cond_eps(parts, e_u)`` instead of the denoiser — ``parts``
+    is each prompt's ``(x, t)``, ``e_u`` each prompt's slice of the unconditional ε (``None`` unguided), and it
+    returns one ε per prompt (e.g. a closed-form target combined from frozen predictions). ``conds`` then only
+    count the prompts; the unconditional branch is still the denoiser's."""
     if len(conds) != len(ns) or not conds:
         raise ValueError("rollout_many needs one trajectory count per conditioning")
     sched = denoiser.schedule
@@ -222,12 +227,16 @@ def rollout_many(denoiser: Denoiser, conds: Sequence[Any], ns: Sequence[int], nu
     states = [x]
     bounds = torch.tensor([0, *ns]).cumsum(0).tolist()
     # guided prompts that are the unconditional one: e_c = e_u, read off the unconditional branch
-    own = [guidance != 1.0 and same_conditioning(c, uncond) for c in conds]
-    cond_eps = []
+    own = [guidance != 1.0 and cond_eps is None and same_conditioning(c, uncond) for c in conds]
+    all_eps = []
     for t, s in zip(ts[:-1].tolist(), ts[1:].tolist()):
         tt = torch.full((total,), t, dtype=torch.long, device=device)
         parts = [(x[a:b], tt[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-        if guidance == 1.0:
+        if cond_eps is not None:
+            e_u = None if guidance == 1.0 else denoiser.predict(x, tt, uncond, adapted)
+            e_c = torch.cat(cond_eps(parts, None if e_u is None else [e_u[a:b] for a, b in zip(bounds[:-1], bounds[1:])]))
+            eps = e_c if e_u is None else e_u + guidance * (e_c - e_u)
+        elif guidance == 1.0:
             eps = e_c = torch.cat(predict_groups(denoiser, [(xi, ti, c) for (xi, ti), c in zip(parts, conds)], adapted))
         else:
             groups = [(xi, ti, c) for (xi, ti), c, o in zip(parts, conds, own) if not o] + [(x, tt, uncond)]
@@ -237,7 +246,7 @@ def rollout_many(denoiser: Denoiser, conds: Sequence[Any], ns: Sequence[int], nu
             e_c = torch.cat([e_u[a:b] if o else next(conditional) for a, b, o in zip(bounds[:-1], bounds[1:], own)])
             eps = e_u + guidance * (e_c - e_u)
         if with_eps:
-            cond_eps.append(e_c)
+            all_eps.append(e_c)
         noise = torch.randn(x.shape, generator=generator, device=device) if s >= 0 or sched.variance == "large" else None
         x = sched.reverse_step(x, tt, torch.full((total,), s, dtype=torch.long, device=device), eps, noise)
         states.append(x)
@@ -245,7 +254,7 @@ def rollout_many(denoiser: Denoiser, conds: Sequence[Any], ns: Sequence[int], nu
     split = [stacked[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     if not with_eps:
         return split, ts
-    eps_all = torch.stack(cond_eps)
+    eps_all = torch.stack(all_eps)
     return split, ts, [eps_all[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 

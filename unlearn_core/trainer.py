@@ -8,6 +8,9 @@ Concept methods (RU, ESD, LU), one step:
   their own trajectories, μ the dual of the retention constraint.
 Data methods (FU, NegGrad, SISS): noised retain/forget batches, DSM(retain) − λ DSM(forget).
 Every ``dual_every`` steps each constraint is estimated, smoothed, and its λ takes a projected ascent step.
+LU with ``lam_init="target"``: before the first step λ is solved as the root of constraint(p_λ) = b on the
+closed-form target's own samples (the frozen model alone: :meth:`Trainer.solve_target_lambdas`), so the ascent
+starts at the optimum of the known primal and only corrects for the adapter falling short of it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 
 from . import targets
-from .denoiser import Denoiser, predict_groups, rollout_many
+from .denoiser import Denoiser, predict_groups, rollout_many, same_conditioning
 from .dual import Constraint, DualVariable
 from .estimate import log_ratio, nelbo, path_kl_terms
 from .methods import MethodSpec, get_method
@@ -96,7 +99,8 @@ class Problem:
     # threshold on the calibration states. ε* = ε0 + η(ε0 − ε_q) is (1 + η) times as far from ε_q as ε0 is, so its
     # path KL to q is (1 + η)² × the separation, and b = x × separation gives 1 + η = √x, λ = η/(1 + η) = 1 − 1/√x
     # (0 for x ≤ 1). Exact for the target on the calibration states, not for the adapter on its own trajectories:
-    # on the demo this start did worse than 0 (see unlearn.py's docstring).
+    # on the demo this start did worse than 0 (see unlearn.py's docstring). Or "target" (LU only): the λ at which
+    # the closed-form target's own samples meet the threshold (Trainer.solve_target_lambdas, before training).
     lam_init: float | str = 0.0
 
     def __post_init__(self) -> None:
@@ -135,11 +139,14 @@ class Problem:
             raise ValueError(f"λ bound must be a positive finite number, got {hi}")
         self.lam_hi = hi
         if isinstance(self.lam_init, str):
-            if self.lam_init != "closed":
-                raise ValueError(f"initial λ must be a number or 'closed', got {self.lam_init!r}")
-            if self.spec.objective != "reverse_kl":
+            if self.lam_init not in ("closed", "target"):
+                raise ValueError(f"initial λ must be a number, 'closed' or 'target', got {self.lam_init!r}")
+            if self.lam_init == "closed" and self.spec.objective != "reverse_kl":
                 raise ValueError(f"initial λ 'closed' is the reverse-KL target's; method {self.method!r} needs a "
                                  f"number")
+            if self.lam_init == "target" and self.spec.objective != "likelihood_ratio":
+                raise ValueError(f"initial λ 'target' is solved on LU's log-ratio target; method {self.method!r} "
+                                 f"needs a number")
         elif not (0 <= self.lam_init <= hi):
             raise ValueError(f"initial λ {self.lam_init} is outside [0, {hi}]")
         if self.spec.frozen and self.fixed_weight is None:
@@ -338,6 +345,7 @@ class Trainer:
         self.keep_constraints: list[Constraint] = []
         self.calibration: list[float] = []
         self.separation: list[float] = []
+        self.target_solve: dict | None = None  # solve_target_lambdas' reads (lam_init "target")
 
     # -------------------------------------------------------------------- set-up
     def _encode_all(self) -> None:
@@ -454,6 +462,94 @@ class Trainer:
         self._emit({"type": "calibration", "calibration": self.calibration, "separation": self.separation})
         return self.calibration
 
+    @torch.no_grad()
+    def target_estimate(self, lams: Sequence[float], n: int, seed: int) -> list[float]:
+        """LU: each constraint's E[log-ratio] over ``n`` samples per wording of its closed-form target at
+        ``lams[i]`` — no adapter: the rollout steps with the frozen model's ε combined as the target at every state
+        (ε_anchor − λ(ε_concept − ε_reference)), guided against the null prompt as the training rollouts are, then
+        reads the dual step's log-ratio on the samples. ``seed`` fixes the rollout noise and the NELBO noise, so
+        two λ's values differ by the target's change, not by the draws (common random numbers)."""
+        if self.spec.objective != "likelihood_ratio":
+            raise ValueError(f"target_estimate reads LU's log-ratio target; method {self.p.method!r} has another")
+        lam_of = [float(lams[term["ci"]]) for term in self.terms]
+
+        def cond_eps(parts, e_us):
+            groups, slots = [], []  # slots[k]: where each of (anchor, concept, reference) comes from
+            for k, ((x, t), term) in enumerate(zip(parts, self.terms)):
+                slot = []
+                for key in ("anchor", "concept", "ref"):
+                    if e_us is not None and same_conditioning(term[key], self.null):
+                        slot.append(("u", k))  # the unconditional branch's ε: already paid for
+                        continue
+                    same = next((j for j, g in enumerate(groups) if g[0] is x and same_conditioning(g[2], term[key])), None)
+                    if same is None:
+                        groups.append((x, t, term[key]))
+                        same = len(groups) - 1
+                    slot.append(("g", same))
+                slots.append(slot)
+            outs = self._predict_micro(groups)
+            eps = []
+            for k, slot in enumerate(slots):
+                e_a, e_q, e_r = (e_us[j] if src == "u" else outs[j] for src, j in slot)
+                eps.append(targets.likelihood_ratio_target(e_a, e_q, e_r, lam_of[k]))
+            return eps
+
+        gen = torch.Generator().manual_seed(seed)
+        jumps = self.cfg.rollout_jumps or self.d.schedule.num_steps
+        states, _ts = rollout_many(self.d, [term["edit"] for term in self.terms], [n] * len(self.terms), jumps, gen,
+                                   adapted=False, guidance=self.cfg.guidance, uncond=self.null,
+                                   t_max=self.cfg.rollout_t_max, cond_eps=cond_eps)
+        per_term = []
+        for term, st in zip(self.terms, states):
+            r = log_ratio(self.d, st[-1], term["concept"], term["ref"], adapted=False, draws=1, t_min=self.cfg.kl_t_min,
+                          t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride, seed=seed + 1)
+            per_term.append(float(r.mean()))
+        return self._per_constraint(per_term)
+
+    def solve_target_lambdas(self, n: int | None = None, evaluations: int = 3) -> list[float]:
+        """LU: per constraint, the λ at which its closed-form target's E[log-ratio] meets the threshold — the dual
+        solved where the primal is known in closed form (p_λ ∝ p0·exp(−λ r)), before any training. Secant steps on
+        :meth:`target_estimate` (common random numbers; ``n`` samples per wording, default estimate_samples split
+        over a concept's wordings, at least 8): the first from λ = 0 and a small tilt (0.05, or λ_max / 2 below
+        that), each next one through the two reads nearest the threshold; ``evaluations`` reads in all, the last
+        step not read. Clipped to [0, λ_max]. On the toy (E[r] 10 nats down) that lands within 10 % of the exact
+        composed sampler's λ* (tested); on the demo the target's E[r] falls close to linearly up to λ ≈ 0.45, then
+        flattens (docs/benchmarks/lu-target-2026-12-07.txt). Records each read in ``self.target_solve``."""
+        b = self.thresholds()
+        hi = self.p.lam_hi
+        per = max(len(self.terms) // len(self.p.concepts), 1)
+        n = n or max(self.cfg.estimate_samples // per, 8)
+        seed = self.cfg.seed + 104729
+        reads: list[list[list[float]]] = []  # [λ's, E[r]'s] per read
+        t0 = time.perf_counter()
+
+        def read(lams: list[float]) -> list[float]:
+            vals = self.target_estimate(lams, n, seed)
+            reads.append([list(lams), vals])
+            self._emit({"type": "target_solve", "lambdas": list(lams), "estimates": vals, "thresholds": b})
+            return vals
+
+        pts = [[] for _ in b]  # per constraint: (λ, E) pairs read so far
+        lams = [0.0] * len(b)
+        nxt = [min(0.05, hi / 2)] * len(b)  # a small tilt: the first secant step is close to the slope at 0
+        for k in range(max(evaluations, 2)):
+            vals = read(lams)
+            for i, v in enumerate(vals):
+                pts[i].append((lams[i], v))
+            if k == 0:
+                lams = [0.0 if v <= bi else nx for v, bi, nx in zip(vals, b, nxt)]  # met at λ = 0: stays there
+                continue
+            for i, bi in enumerate(b):
+                (l0, e0), (l1, e1) = sorted(pts[i], key=lambda p: abs(p[1] - bi))[:2]  # the two reads nearest b
+                if l0 == l1 or e0 == e1:
+                    nxt[i] = l0
+                else:
+                    nxt[i] = min(max(l0 + (bi - e0) * (l1 - l0) / (e1 - e0), 0.0), hi)
+            lams = list(nxt)
+        self.target_solve = {"samples_per_wording": n, "seed": seed, "reads": reads, "lambdas": lams, "thresholds": b,
+                             "seconds": round(time.perf_counter() - t0, 1)}
+        return lams
+
     def _chunk(self, n_conds: int) -> int:
         """States per forward when ``n_conds`` conditionings share one call: the denoiser's ``max_batch`` (a UNet
         on CPU slows down per sample past a few hundred; a toy MLP has no limit) split among them."""
@@ -486,8 +582,13 @@ class Trainer:
         if frozen is not None and not (0 <= frozen <= self.p.lam_hi):
             raise ValueError(f"the fixed weight gives λ = {frozen:.4g}, outside [0, {self.p.lam_hi}]")
         self.constraints = []
+        solved = None
+        if frozen is None and self.p.lam_init == "target":  # a resumed run has it from its checkpoint
+            solved = self.target_solve["lambdas"] if self.target_solve else self.solve_target_lambdas()
         for i, b in enumerate(self.thresholds()):
             lam0 = frozen if frozen is not None else self.p.lam_init
+            if lam0 == "target":
+                lam0 = solved[i]
             if lam0 == "closed":
                 x = b / self.separation[i] if self.separation[i] > 0 else 0.0
                 lam0 = min(1.0 - 1.0 / math.sqrt(x), self.p.lam_hi) if x > 1.0 else 0.0
@@ -908,7 +1009,7 @@ class Trainer:
                                 "last_estimate": c.last_estimate} for c in self.keep_constraints],
                 "calibration": list(self.calibration), "separation": list(self.separation),
                 "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "warned_dominance": self._warned_dominance,
+                "warned_dominance": self._warned_dominance, "target_solve": copy.deepcopy(self.target_solve),
                 "history": copy.deepcopy(history), "events": copy.deepcopy(events)}
 
     def load_state_dict(self, state: dict) -> tuple[int, list[dict], list[dict], float]:
@@ -924,6 +1025,7 @@ class Trainer:
             raise ValueError("the checkpoint was written with other training options: "
                              + ", ".join(f"{k} {state['config'].get(k)!r} → {mine.get(k)!r}" for k in diff[:6]))
         self.calibration, self.separation = list(state["calibration"]), list(state["separation"])
+        self.target_solve = state.get("target_solve")
         self._make_constraints()
         if len(state["duals"]) != len(self.constraints) or len(state["keep_duals"]) != len(self.keep_constraints):
             raise ValueError("the checkpoint has a different number of constraints than this problem")

@@ -92,7 +92,8 @@ DEFAULTS: dict[str, Any] = {
     "keep_weight": 0.25,
     "lam_max": 0.9,
     # where a learned λ (ru, lu, fu) starts: a number, or for RU "closed" — where its closed-form target meets the
-    # threshold (1 − 1/√x for x × the separation; see trainer.Problem.lam_init). Measured worse on the demo (above)
+    # threshold (1 − 1/√x for x × the separation; see trainer.Problem.lam_init). Measured worse on the demo (above).
+    # For LU "target": where the closed-form target's own samples meet the threshold (Trainer.solve_target_lambdas)
     "lam_init": 0.0,
     "dual_lr": 0.03,
     "dual_warmup": 0.2,
@@ -124,6 +125,17 @@ DEFAULTS: dict[str, Any] = {
     # request, λ settled (docs/benchmarks/lu-default-2026-12-07b.txt)
     "lu_threshold": 5.5,
     "lu_elbo_stride": 25,
+    # LU's λ starts where its closed-form target (p0·exp(−λ r), sampled with the frozen model alone) meets the
+    # threshold (Trainer.solve_target_lambdas: three reads before training), is held there while the adapter moves
+    # to it, then corrects slowly on the adapter's own E[r]. The adapter answers a λ 40–50 steps late: λ held at
+    # the solved 0.154 for 45 steps, "three" seed 1 at 2.5 still read E[r] −68 of −150 at step 50. Started at 0 with
+    # dual_lr 0.03 after a fifth of the steps (RU's dual), λ wound up on those late reads and LU ended 1.09–1.50× its
+    # request in 8 of 9 frontier runs (docs/benchmarks/frontier-2026-12-07f); held at the solved λ for all 120
+    # steps, 0.86× (seeds 0 and 1: the adapter falls short of its target); solved, held 45 steps, then 0.006:
+    # 0.95× both (docs/benchmarks/lu-target-2026-12-07.txt)
+    "lu_lam_init": "target",
+    "lu_dual_warmup": 0.375,
+    "lu_dual_lr": 0.006,
     # On the demo a digit concept is trained under these of the model's six caption templates (indices into
     # demo.data.TRAIN_TEMPLATES; the held-out ones stay unseen): main, "the number 3", "three", "a three". With
     # "a digit 3" in place of "a three" (0,1,2,4) "five" leaked 32–40 % on "a picture of a five" (see README)
@@ -366,6 +378,11 @@ def job_from_args(args: argparse.Namespace) -> UnlearnJob:
                          "lam_init sets where a learned λ starts (ru, lu, fu)")
     if lam_init == "closed" and method != "ru":
         raise ValueError(f"--set lam_init=closed is RU's closed form; give a number for --method {method}")
+    if lam_init == "target" and method != "lu":
+        raise ValueError(f"--set lam_init=target is solved on LU's closed-form target; give a number for --method "
+                         f"{method}")
+    if method == "lu" and DEFAULTS["lu_lam_init"] == "closed":
+        raise ValueError("--set lu_lam_init=closed is RU's closed form; give 'target' or a number for --method lu")
     if not data:
         for raw in concepts_raw:
             wordings = [w.strip() for w in raw.split("|")]
@@ -477,6 +494,9 @@ class _Progress:
             self.bar.update(1)
         elif ev["type"] == "calibration":
             log.info("calibrated separation %s", ev["separation"])
+        elif ev["type"] == "target_solve":
+            log.info("LU's target at λ %s reads E[log-ratio] %s (threshold %s)", ev["lambdas"], ev["estimates"],
+                     ev["thresholds"])
 
     def close(self) -> None:
         if self.bar is not None:
@@ -489,14 +509,14 @@ def _say(quiet: bool, msg: str) -> None:
 
 
 def _lam_init(value: Any) -> float | str:
-    if value == "closed":
+    if value in ("closed", "target"):
         return value
     try:
         lam = float(value)
     except ValueError:
-        raise ValueError(f"--set lam_init: give 'closed' or a number in [0, 1), got {value!r}") from None
+        raise ValueError(f"--set lam_init: give 'closed', 'target' or a number in [0, 1), got {value!r}") from None
     if not 0.0 <= lam < 1.0:
-        raise ValueError(f"--set lam_init: give 'closed' or a number in [0, 1), got {value!r}")
+        raise ValueError(f"--set lam_init: give 'closed', 'target' or a number in [0, 1), got {value!r}")
     return lam
 
 
@@ -505,21 +525,22 @@ def build_problem(job: UnlearnJob, model) -> tuple[Any, Any]:
 
     d = DEFAULTS
     if job.kind == "concept":
+        lu = "lu_" if job.method == "lu" else ""  # LU's own dual settings (see DEFAULTS)
         problem = Problem(job.method, concepts=[ConceptSpec(concept=w if len(w) > 1 else w[0], anchor=job.anchor)
                                                 for w in job.concepts],
                           keep=job.keep, keep_rho=d["keep_rho"], threshold=job.threshold,
                           threshold_mode=job.threshold_mode, fixed_weight=job.weight,
                           lam_max=d["lam_max"] if job.method in ("ru", "esd") else None,
-                          lam_init=_lam_init(d["lam_init"]) if job.method != "esd" else 0.0)
+                          lam_init=_lam_init(d[lu + "lam_init"]) if job.method != "esd" else 0.0)
         config = TrainConfig(steps=job.steps, lr=job.lr, batch=d["batch"], keep_batch=d["keep_batch"],
-                             dual_every=d["dual_every"], dual_lr=d["dual_lr"], dual_smoothing=0.5,
+                             dual_every=d["dual_every"], dual_lr=d[lu + "dual_lr"], dual_smoothing=0.5,
                              dual_estimate=d["dual_estimate"] if job.method in ("ru", "esd") else "network",
                              fresh_steps=d["fresh_steps"], fresh_samples=d["fresh_samples"],
                              polish_fraction=d["polish_fraction"],
                              rollouts=d["rollouts"], keep_rollouts=d["keep_rollouts"], rollout_jumps=d["rollout_jumps"],
                              refresh_every=d["refresh_every"], guidance=d["guidance"],
                              estimate_samples=d["estimate_samples"], seed=job.seed, keep_weight=d["keep_weight"],
-                             rollout_t_max=sampler_start(model), dual_warmup=d["dual_warmup"],
+                             rollout_t_max=sampler_start(model), dual_warmup=d[lu + "dual_warmup"],
                              calibration_stride=d["calibration_stride"],
                              elbo_stride=d["lu_elbo_stride"] if job.method == "lu" else d["elbo_stride"])
         return problem, config
@@ -651,6 +672,8 @@ def run_job(job: UnlearnJob, quiet: bool = False, progress: bool = True, callbac
                      "train_seconds": round(train_seconds, 1), "settled": settled(res.history, problem.lam_hi),
                      "dual_history": [{k: h[k] for k in ("step", "lambda", "estimate", "keep_mu", "polished") if k in h}
                                       for h in res.history if "lambda" in h]}
+    if getattr(trainer, "target_solve", None):  # LU's λ solved on its closed-form target (lu_lam_init "target")
+        metrics["target_solve"] = trainer.target_solve
     evaluation = None
     figures: list[tuple[str, str]] = []
     if judge is not None and job.kind == "concept" and job.eval_samples >= 2:
@@ -883,7 +906,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or key not in DEFAULTS:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(DEFAULTS))}")
-        if key == "lam_init":  # "closed" or a number
+        if key in ("lam_init", "lu_lam_init"):  # "closed", "target" or a number
             out[key] = _lam_init(raw.strip())
             continue
         kind = type(DEFAULTS[key])
@@ -902,6 +925,11 @@ def prepare_job(args: argparse.Namespace) -> tuple[UnlearnJob, dict[str, Any]]:
     overrides = parse_overrides(args.set or [])
     with overridden_defaults(overrides):  # the job's own expansion of a demo concept reads them
         job = job_from_args(args)
+    for key in overrides:  # a setting the job does not read is an error, not a silent no-op
+        if job.method == "lu" and "lu_" + key in DEFAULTS:
+            raise ValueError(f"--set {key}: --method lu has its own; use --set lu_{key}=…")
+        if job.method != "lu" and key.startswith("lu_"):
+            raise ValueError(f"--set {key}: applies to --method lu only (this job is --method {job.method})")
     return job, overrides
 
 
