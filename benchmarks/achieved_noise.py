@@ -66,6 +66,16 @@ def verdict(mean: float, sd: float, band: float = 0.15) -> str:
     return "inside" if off + 2 * sd <= band else "miss" if off - 2 * sd > band else "unclear"
 
 
+def where_the_time_went(clock: list[tuple[str, float]]) -> dict:
+    """Seconds between consecutive trainer events, summed by the event that ends each interval, with counts."""
+    out: dict = {}
+    for (_, t_prev), (kind, t) in zip(clock, clock[1:]):
+        slot = out.setdefault(kind, {"seconds": 0.0, "count": 0})
+        slot["seconds"] += t - t_prev
+        slot["count"] += 1
+    return out
+
+
 def concept_reads(tr, sizes: list[int], reads: int) -> list[dict]:
     base = tr.cfg
     out = []
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reads", type=int, default=3, help="repeated reads per size")
     p.add_argument("--sizes", default=None,
                    help="concept: samples per read, e.g. '32,128' (default: the frontier's and 4×); data: "
-                        "STRIDExDRAWS reads, e.g. '25x2,1x1' (default: the frontier's final read, and every timestep)")
+                        "STRIDExDRAWS reads, e.g. '25x8,1x1' (default: the frontier's final read, and every timestep)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as frontier.py --set")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "achieved-noise")
@@ -132,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     data = args.method == "fu"
     try:
         if data:
-            sizes = [tuple(int(v) for v in s.split("x")) for s in (args.sizes or f"{shared['elbo_stride']}x2,1x1").split(",")]
-            if any(len(s) != 2 or min(s) < 1 for s in sizes):
+            # default (None): the run's own read (its stride and draws, known once the trainer is built), and stride 1
+            sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else None
+            if sizes and any(len(s) != 2 or min(s) < 1 for s in sizes):
                 raise ValueError
         else:
             n0 = shared["estimate_samples"]
@@ -145,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tr, problem = build(args.method, args.setting, args.seed, args.steps, shared, args.out)
+    if data and sizes is None:
+        sizes = [(tr.cfg.elbo_stride, tr.achieved_draws()), (1, 1)]
+    clock: list[tuple[str, float]] = [("start", time.perf_counter())]
+    tr.callbacks.append(lambda ev: clock.append((ev["type"], time.perf_counter())))
     res = tr.run()
     train_s = time.perf_counter() - t0
     thr = res.thresholds[0]
@@ -156,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         print("λ solved on the closed-form target: " + ", ".join(f"λ {lams[0]:.3f} → E[r] {vals[0]:.2f}"
                                                               for lams, vals in tr.target_solve["reads"])
               + f" → start at λ {tr.target_solve['lambdas'][0]:.3f} ({tr.target_solve['seconds']:.0f} s)")
+    spent = where_the_time_went(clock)
+    print("training seconds by the event that ends them (a step's own time is in the event after it: 'dual' = a step "
+          "and its dual update, 'samples' = a refresh's rollout): "
+          + ", ".join(f"{k} {v['seconds']:.1f} s ({v['count']}×)" for k, v in spent.items()))
     trace = [(h["step"], h["estimate"][0], h["lambda"][0], bool(h.get("polished"))) for h in res.history if "estimate" in h]
     print("dual trace (step: estimate, λ; * = λ frozen for the polish):")
     for i in range(0, len(trace), 5):
@@ -173,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"method": args.method, "setting": args.setting, "seed": args.seed, "threshold": thr,
                       "calibration": res.calibration[0], "separation": res.separation[0], "lambda": res.lambdas[0],
                       "run_read": res.final_estimates[0], "verdict": verdict(best["mean"], best["sd"]), "run_ratio": ratio(tr, res.final_estimates[0]),
-                      "train_seconds": round(train_s, 1), "shared": shared, "reads": groups, "target_solve": tr.target_solve,
+                      "train_seconds": round(train_s, 1), "seconds_by_event": spent, "shared": shared, "reads": groups, "target_solve": tr.target_solve,
                       "trace": [{"step": s + 1, "estimate": e, "lambda": lam, "polished": pol} for s, e, lam, pol in trace]}))
     return 0
 

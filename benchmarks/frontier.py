@@ -47,9 +47,10 @@ FORGET_IMAGES = 5
 GRID = {
     ("concept", "ru"): [2.0, 2.75, 3.5],  # 2.75: the product's default
     ("concept", "esd"): [0.5, 1.0, 2.0],
-    # LU's multiple x asks for E[log-ratio] ≤ base − (x − 1) × the separation; over three seeds 2.5 forgot 0.72,
-    # 4.5 0.92 and 5.5 0.97 (ESD's range; frontier-2026-12-07c)
-    ("concept", "lu"): [2.5, 4.5, 5.5],
+    # LU's multiple x asks for E[log-ratio] ≤ base − (x − 1) × the separation; on its solved start 2.5 forgot 0.67,
+    # 4.5 0.78, 5.5 0.89 (frontier-2026-12-07g-lu), 6.5 0.94 and 7.5 0.97 (frontier-2026-12-08b): 6.5 and 7.5 reach
+    # ESD η 1 and 2's forgetting (0.97, 1.00), where LU's adapter falls short of its request (0.71–1.04)
+    ("concept", "lu"): [2.5, 4.5, 5.5, 6.5, 7.5],
     # fractions of the forget images' NELBO, read since 2026-12-07 with an offset per sample (2.4–3.1× the earlier
     # one-offset reads, so 0.05 now asks what about 0.12–0.15 asked before): 0.025 sits at NegGrad 0.1's
     # forgetting; 0.25 is unstable (two seeds ran away, 2.6× and 3.8× the request, as NegGrad 0.3's third seed)

@@ -232,6 +232,9 @@ def test_achieved_noise_rereads_a_short_fu_run_and_refuses_bad_sizes(tmp_path, c
         assert len(g["values"]) == 2 and g["values"][0] != g["values"][1]  # fresh noise per read
         assert g["ratios"] == pytest.approx([v / res["threshold"] for v in g["values"]])
     assert res["verdict"] in ("inside", "miss", "unclear") and res["trace"]
+    spent = res["seconds_by_event"]  # FU: no polish, a dual update every 5 steps — the fifth step ends in one
+    assert spent["dual"]["count"] == 1 and spent["step"]["count"] == 5 and spent["done"]["count"] == 1
+    assert 0 < sum(v["seconds"] for v in spent.values()) <= res["train_seconds"]
     for bad in (["--sizes", "25"], ["--sizes", "0x2"], ["--reads", "1"]):
         with pytest.raises(SystemExit):
             an.main(["--method", "fu", "--setting", "0.05", "--out", str(out), *bad])

@@ -232,6 +232,39 @@ def test_dual_warmup_holds_lambda_then_updates_and_polish_records_are_marked(bas
         TrainConfig(dual_warmup=0.9, polish_fraction=0.2)
 
 
+def test_lu_reads_nothing_while_the_polish_holds_its_lambda_and_trains_as_if_it_had(base, monkeypatch):
+    """LU's dual read (a NELBO sum per state under two prompts) would move nothing in the polish, where λ and μ are
+    frozen: it is skipped there — no dual record — and the run is otherwise the one that reads (to the bit)."""
+    import unlearn_core.trainer as trainer_module
+
+    reads = []
+    real = trainer_module.log_ratio
+    monkeypatch.setattr(trainer_module, "log_ratio", lambda *a, **k: reads.append(1) or real(*a, **k))
+
+    class ReadsInThePolish(Trainer):  # the loop before the skip: every dual update past the warm-up reads
+        def _dual_update(self, stats, rec):
+            polished = rec.pop("polished", None)
+            super()._dual_update(stats, rec)
+            if polished:
+                rec["polished"] = polished
+
+    cfg = TrainConfig(seed=0, **{**TINY, "steps": 20, "dual_every": 2, "dual_warmup": 0.2, "polish_fraction": 0.2})
+    out = {}
+    for cls in (Trainer, ReadsInThePolish):
+        torch.manual_seed(0)
+        den, n0 = toy_denoiser(base), len(reads)
+        res = cls(den, concept_problem("lu", threshold=2.0), cfg).run()
+        out[cls] = den, res, len(reads) - n0
+    (d_skip, r_skip, n_skip), (d_read, r_read, n_read) = out.values()
+    assert not any("lambda" in h for h in r_skip.history if h.get("polished"))  # steps 16–19: two updates, no read
+    assert sum("estimate" in h for h in r_read.history if h.get("polished")) == 2
+    assert n_read - n_skip == 2
+    assert [h for h in r_skip.history if not h.get("polished")] == [h for h in r_read.history if not h.get("polished")]
+    assert r_skip.lambdas == r_read.lambdas and r_skip.final_estimates == r_read.final_estimates
+    for k, v in d_skip.adapter_state().items():
+        torch.testing.assert_close(v, d_read.adapter_state()[k], rtol=0, atol=0)
+
+
 def test_closed_form_initial_lambda_puts_the_target_on_the_threshold(base):
     """lam_init="closed": λ0 = 1 − 1/√x for a threshold of x × the separation. On any anchor states the RU target
     at λ0 is then exactly x times as far (in path KL) from the concept as the anchor's ε is."""
@@ -423,11 +456,12 @@ def test_nelbo_with_a_timestep_stride_is_unbiased_and_shares_noise_across_calls(
         nelbo(den, x0, cond, adapted=False, t_stride=0)
 
 
-def test_fus_base_read_takes_more_draws_at_a_timestep_stride(base):
+def test_fus_base_and_achieved_reads_take_more_draws_at_a_timestep_stride(base):
     """Every FU request is a fraction of the forget set's base NELBO: at a stride that one read takes up to 8 draws
     (on the demo one draw read 473–584 nats over three seeds, eight 569–579: docs/benchmarks/frontier-2026-12-07c/d),
-    at stride 1 it keeps estimate_draws."""
-    visits = {}
+    at stride 1 it keeps estimate_draws. The achieved read (adapted and frozen, with shared noise) takes as many
+    at a stride, and two at stride 1."""
+    visits, final = {}, {}
     for stride in (1, 10, 40):
         den = toy_denoiser(base)
         count = [0]
@@ -441,10 +475,15 @@ def test_fus_base_read_takes_more_draws_at_a_timestep_stride(base):
         tr = Trainer(den, data_problem(), TrainConfig(**{**TINY, "elbo_stride": stride}))
         tr.calibrate()
         visits[stride] = count[0] / 128  # per forget sample
+        count[0] = 0
+        tr.estimate_constraints()
+        final[stride] = count[0] / 128 / 2  # per forget sample and model
     n_t = toy_denoiser(base).schedule.num_steps
     assert visits[1] == n_t  # one draw over every timestep
+    assert final[1] == 2 * n_t
     for stride in (10, 40):  # min(stride, 8) draws of the head and, on average, the rest / stride
         assert visits[stride] == pytest.approx(8 * (stride // 5 + (n_t - stride // 5) / stride), rel=0.03)
+        assert final[stride] == pytest.approx(visits[stride], rel=0.03)
 
 
 class _Revealing:

@@ -830,6 +830,15 @@ class Trainer:
         return total, preds
 
     # -------------------------------------------------------------------- final estimates
+    def achieved_draws(self) -> int:
+        """Noise draws of the data methods' achieved read (the forget set's NELBO rise, adapted − frozen): at a
+        timestep stride as many as the calibration read that the request is a fraction of (up to 8), else 2. With
+        two at the frontier's stride of 25, one run's read sat 0.11 of its request above the mean of three fresh
+        ones (their sd 0.05: FU 0.05 seed 1, docs/benchmarks/achieved-noise-fu-2026-12-07.txt); eight quarter the
+        variance, at 15–18 s a read on the demo instead of 4 (docs/benchmarks/lu-fu-cost-2026-12-08.txt)."""
+        stride = self.cfg.elbo_stride
+        return max(self.cfg.estimate_draws, 2 if stride == 1 else min(stride, 8))
+
     @torch.no_grad()
     def estimate_constraints(self, n: int | None = None) -> list[float]:
         """Fresh, larger-sample estimates of every constraint for the current adapter (the "achieved" values)."""
@@ -861,7 +870,7 @@ class Trainer:
         else:
             f = self.p.data.forget
             g1, g2 = (torch.Generator().manual_seed(self.cfg.seed + 7) for _ in range(2))
-            draws = max(self.cfg.estimate_draws, 2)
+            draws = self.achieved_draws()
             adapted = nelbo(self.d, f, self.data_cond, adapted=True, draws=draws, generator=g1,
                             t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride)
             base = nelbo(self.d, f, self.data_cond, adapted=False, draws=draws, generator=g2,
@@ -966,12 +975,20 @@ class Trainer:
     def _dual_update(self, stats: dict, rec: dict) -> None:
         if self.spec.constraint == "log_ratio":
             # E_p[r] on the current model's own samples (the final states of the latest rollouts).
+            seeds = [int(torch.randint(2**31, (1,), generator=self.gen)) for _ in self.terms]
+            if rec.get("polished"):
+                # λ and μ are frozen for the polish: a read would move nothing, and LU's reads are its dearest part
+                # (a NELBO sum per state under two prompts: about 6 s a read, 93 of a frontier LU run's 402 s for
+                # its 15, 5 of them in the polish — benchmarks/achieved_noise.py prints where a run's time goes). No
+                # read, no dual record; the seeds are drawn all the same, so the rest of the run is the one it was
+                # with the reads. The final estimate reads where the polish ends.
+                return
             per_term = []
-            for term in self.terms:
+            for term, seed in zip(self.terms, seeds):
                 x0 = term["buf"].final
                 r = log_ratio(self.d, x0, term["concept"], term["ref"], adapted=False, draws=1,
                               t_min=self.cfg.kl_t_min, t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride,
-                              seed=int(torch.randint(2**31, (1,), generator=self.gen)))
+                              seed=seed)
                 per_term.append(float(r.mean()))
             stats["est"] = [[v] for v in self._per_constraint(per_term)]
         ests = [sum(v) / len(v) for v in stats.get("est", [])]

@@ -118,7 +118,8 @@ DEFAULTS: dict[str, Any] = {
     "elbo_stride": 1,  # NELBO / log-ratio sums visit about every k-th timestep (×k): LU's dual steps get ~k× cheaper
     # LU's own (``--method lu``): its multiple asks for E[log-ratio] ≤ base − (x − 1) × the separation, so RU's 2.75
     # asks LU for little (2.5 forgot 0.72 of the frontier's samples, 5.5 0.97 — ESD η 1's forgetting — with the
-    # near digits kept at 1.00; docs/benchmarks/frontier-2026-12-07c.log). Every dual step reads the log-ratio of
+    # near digits kept at 1.00; docs/benchmarks/frontier-2026-12-07c.log — on the old dual, which overshot; on the
+    # solved start below 5.5 forgets 0.89 there and 7.5 0.97, frontier-2026-12-08b). Every dual step reads the log-ratio of
     # 16 states by a NELBO sum over the sampler's 925 timesteps under two prompts: at a stride of 1 a demo job (beside a CI
     # run) had not finished calibrating after 13 minutes; the frontier measured LU at 25 (unbiased: estimate.nelbo).
     # With both: "three" erased to 0.04 of 50 samples, paraphrases 0.06 / 0.10, other digits kept, 1.11 of the
