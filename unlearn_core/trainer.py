@@ -442,9 +442,7 @@ class Trainer:
                 if self.spec.constraint == "path_kl":
                     per_term_cal.append(sep)  # λ = 0 gives p = p(anchor)
                 else:
-                    r = log_ratio(self.d, final[:n], term["concept"], term["ref"], adapted=False,
-                                  draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min,
-                                  t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride, seed=self.cfg.seed)
+                    r = self._log_ratio(final[:n], term, self.cfg.seed, draws=self.cfg.estimate_draws)
                     per_term_cal.append(float(r.mean()))
             self.calibration = self._per_constraint(per_term_cal)
             self.separation = self._per_constraint(per_term_sep)
@@ -461,6 +459,13 @@ class Trainer:
             self.separation.append(float(base.mean()))
         self._emit({"type": "calibration", "calibration": self.calibration, "separation": self.separation})
         return self.calibration
+
+    def _log_ratio(self, x0: torch.Tensor, term: dict, seed: int, draws: int = 1) -> torch.Tensor:
+        """Per sample of ``x0``, the frozen model's log-ratio log p(x0 | concept) − log p(x0 | reference) of a
+        wording, as every LU read takes it: NELBO sums from the sampler's first step down to kl_t_min at the
+        configured timestep stride, with the noise of ``seed``."""
+        return log_ratio(self.d, x0, term["concept"], term["ref"], adapted=False, draws=draws, t_min=self.cfg.kl_t_min,
+                         t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride, seed=seed)
 
     @torch.no_grad()
     def target_estimate(self, lams: Sequence[float], n: int, seed: int) -> list[float]:
@@ -501,9 +506,7 @@ class Trainer:
                                    t_max=self.cfg.rollout_t_max, cond_eps=cond_eps)
         per_term = []
         for term, st in zip(self.terms, states):
-            r = log_ratio(self.d, st[-1], term["concept"], term["ref"], adapted=False, draws=1, t_min=self.cfg.kl_t_min,
-                          t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride, seed=seed + 1)
-            per_term.append(float(r.mean()))
+            per_term.append(float(self._log_ratio(st[-1], term, seed + 1).mean()))
         return self._per_constraint(per_term)
 
     def solve_target_lambdas(self, n: int | None = None, evaluations: int = 3) -> list[float]:
@@ -750,9 +753,7 @@ class Trainer:
     def _ratio_at_x0(self, x: torch.Tensor, t: torch.Tensor, eps_anchor: torch.Tensor, term: dict) -> torch.Tensor:
         """LU likelihood form: r̂ = exp(log-ratio) at the predicted clean sample x̂0 (clipped for stability)."""
         x0 = self.d.schedule.predict_x0(x, t, eps_anchor).clamp(-10, 10)
-        r = log_ratio(self.d, x0, term["concept"], term["ref"], adapted=False, draws=1,
-                      t_min=self.cfg.kl_t_min, t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride,
-                      seed=int(torch.randint(2**31, (1,), generator=self.gen)))
+        r = self._log_ratio(x0, term, int(torch.randint(2**31, (1,), generator=self.gen)))
         return r.clamp(-20, 5).exp().float()
 
     def _data_loss(self, step: int, stats: dict) -> torch.Tensor:
@@ -862,9 +863,7 @@ class Trainer:
                         tot += float(path_kl_terms(p[keep], e_q[keep], c[keep]).sum())
                     out.append(tot / n_term)
                 else:
-                    r = log_ratio(self.d, states[-1], term["concept"], term["ref"], adapted=False,
-                                  draws=self.cfg.estimate_draws, t_min=self.cfg.kl_t_min,
-                                  t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride, seed=self.cfg.seed + 1)
+                    r = self._log_ratio(states[-1], term, self.cfg.seed + 1, draws=self.cfg.estimate_draws)
                     out.append(float(r.mean()))
             out = self._per_constraint(out)
         else:
@@ -985,11 +984,7 @@ class Trainer:
                 return
             per_term = []
             for term, seed in zip(self.terms, seeds):
-                x0 = term["buf"].final
-                r = log_ratio(self.d, x0, term["concept"], term["ref"], adapted=False, draws=1,
-                              t_min=self.cfg.kl_t_min, t_max=self.cfg.rollout_t_max, t_stride=self.cfg.elbo_stride,
-                              seed=seed)
-                per_term.append(float(r.mean()))
+                per_term.append(float(self._log_ratio(term["buf"].final, term, seed).mean()))
             stats["est"] = [[v] for v in self._per_constraint(per_term)]
         ests = [sum(v) / len(v) for v in stats.get("est", [])]
         if self.cfg.dual_estimate == "fresh" and self.spec.constraint == "path_kl":
